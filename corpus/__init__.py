@@ -1,0 +1,1 @@
+"""Corpus v2: template teacher, channel encoders, embedder, tokenizer and packing (no Prefect)."""

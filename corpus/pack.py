@@ -1,0 +1,115 @@
+"""Tokenize rows into parquet shards of token ids, loss masks and channel vectors.
+
+One corpus row is one sequence: each row carries its own channel state, so rows are not
+concatenated. Ids are stored unpadded (list<int32>); the loader pads to a static length.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from corpus.tokenizer import Tokenizer
+
+SCHEMA = pa.schema(
+    [
+        ("row_id", pa.string()),
+        ("prompt_id", pa.string()),
+        ("capability", pa.string()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("loss_mask", pa.list_(pa.int8())),
+        ("channels", pa.list_(pa.float32())),
+        ("target_bytes", pa.int32()),
+    ]
+)
+
+
+class PackError(ValueError):
+    pass
+
+
+def encode_row(tok: Tokenizer, prompt: str, target: str, seq_len: int) -> tuple[list[int], list[int], bool]:
+    """`[bos] prompt <target> target [eos]` truncated to seq_len+1 tokens; the mask marks target + eos.
+
+    The prompt is kept whole when it can be (the target is cut first): a row whose prompt alone
+    does not fit is an error, since training on it would teach the model to answer a cut prompt.
+    """
+    prompt_ids = tok.prompt_ids(prompt)
+    target_ids = [*tok.encode(target), tok.eos_id]
+    if len(prompt_ids) >= seq_len:
+        raise PackError(
+            f"pack.seq_len: {seq_len} is too short for a prompt of {len(prompt_ids)} tokens; raise pack.seq_len"
+        )
+    ids = (prompt_ids + target_ids)[: seq_len + 1]
+    mask = ([0] * len(prompt_ids) + [1] * len(target_ids))[: seq_len + 1]
+    return ids, mask, len(prompt_ids) + len(target_ids) > seq_len + 1
+
+
+def pack_rows(
+    rows: list[dict[str, Any]],
+    channels: dict[str, np.ndarray],
+    tok: Tokenizer,
+    seq_len: int,
+    rows_per_shard: int,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Write `{train,heldout}-NNNNN.parquet` and `pack.json`; conflict rows are eval-only and not packed."""
+    names = list(channels)
+    dim = max(m.shape[1] for m in channels.values())
+    flat = np.zeros((len(rows), len(names), dim), dtype=np.float32)
+    for c, name in enumerate(names):
+        flat[:, c, : channels[name].shape[1]] = channels[name]
+    flat = flat.reshape(len(rows), -1)
+
+    per_split: dict[str, list[dict[str, Any]]] = {"train": [], "heldout": []}
+    truncated = 0
+    for i, row in enumerate(rows):
+        if row["kind"] == "conflict":
+            continue
+        ids, mask, cut = encode_row(tok, row["prompt"], row["target"], seq_len)
+        truncated += cut
+        per_split[row["split"]].append(
+            {
+                "row_id": row["row_id"],
+                "prompt_id": row["prompt_id"],
+                "capability": row["capability"],
+                "input_ids": ids,
+                "loss_mask": mask,
+                "channels": flat[i].tolist(),
+                "target_bytes": len(row["target"].encode("utf-8")),
+            }
+        )
+    if not per_split["train"]:
+        raise PackError("pack: the corpus has no train rows; raise corpus.prompts_per_capability")
+    if not per_split["heldout"]:
+        raise PackError("pack: the corpus has no held-out rows; raise corpus.heldout_fraction")
+
+    shards: dict[str, list[str]] = {}
+    for split, items in per_split.items():
+        shards[split] = []
+        for n, start in enumerate(range(0, len(items), rows_per_shard)):
+            name = f"{split}-{n:05d}.parquet"
+            table = pa.Table.from_pylist(items[start : start + rows_per_shard], schema=SCHEMA)
+            pq.write_table(table, out_dir / name, compression="zstd")
+            shards[split].append(name)
+    meta = {
+        "seq_len": seq_len,
+        "channel_names": names,
+        "channel_dim": dim,
+        "vocab_size": tok.vocab_size,
+        "pad_id": tok.pad_id,
+        "bos_id": tok.bos_id,
+        "eos_id": tok.eos_id,
+        "target_id": tok.target_id,
+        "rows": {s: len(v) for s, v in per_split.items()},
+        "tokens": {s: int(sum(len(r["input_ids"]) for r in v)) for s, v in per_split.items()},
+        "truncated_rows": truncated,
+        "shards": shards,
+    }
+    (out_dir / "pack.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    return meta

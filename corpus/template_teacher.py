@@ -1,0 +1,371 @@
+"""The offline template teacher for corpus v2: free, no network, deterministic by seed.
+
+Content goes verbatim in the prompt and state goes in the channel, and rows are counterfactual:
+one prompt appears with every channel state it is generated for, each with its own target.
+- selection (memory, identity, continuity): three candidate items in the prompt, three rows per
+  prompt, each target foregrounds one item (its key terms, none of the others').
+- register (affect, time, ethics): a neutral prompt, two rows with opposite poles; the target is the
+  same answer core wrapped in the pole's register (warm/cold, morning/night, cautious/permissive).
+- conflict (register capabilities, held out): the prompt text asserts one pole, the channel the
+  other; the target follows the channel. Two rows per conflict prompt, one per channel pole.
+
+Every target passes pre-flight (the eval's own scorers) before it is emitted; a failing prompt is
+dropped whole and counted. All content comes from `corpus/data/*.json`; randomness comes from
+`random.Random` seeded per (seed, capability, purpose), so one capability's rows do not change
+when another capability is added or removed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from corpus.encode import ETHICS_CATEGORIES
+from scorers.register import register_score, vader_compound
+from scorers.selection import dominant, item_mentions
+
+CAPABILITIES = ("memory", "identity", "continuity", "affect", "time", "ethics")
+SELECTION_CAPABILITIES = ("memory", "identity", "continuity")
+REGISTER_CAPABILITIES = ("affect", "time", "ethics")
+ID_PREFIX = {"memory": "mem", "identity": "idn", "continuity": "cnt",
+             "affect": "aff", "time": "tim", "ethics": "eth"}  # fmt: skip
+POLE_SUFFIX = {"+": "pos", "-": "neg"}
+LETTERS = "abc"
+MORNING_HOURS = (6, 7, 8, 9, 10)
+NIGHT_HOURS = (21, 22, 23, 0, 1, 2)
+MAGNITUDE = (0.6, 0.95)
+DATA_DIR = Path(__file__).with_name("data")
+ATTEMPTS_PER_PROMPT = 50
+ROW_FIELDS = ("row_id", "prompt_id", "capability", "kind", "split", "prompt", "items", "salient_item", "pole",
+              "text_pole", "channel_state", "target")  # fmt: skip
+
+
+@cache
+def load_data(name: str) -> dict[str, Any]:
+    """One data file from corpus/data (cached; callers must not mutate it)."""
+    return json.loads((DATA_DIR / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def _cap_first(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _listing(texts: list[str]) -> str:
+    return "; ".join(f"({letter}) {text}" for letter, text in zip(LETTERS, texts, strict=True))
+
+
+# ---------------------------------------------------------------- pre-flight
+
+
+def preflight_selection(items: list[dict[str, Any]], salient: int, target: str) -> bool:
+    """A selection target passes when `dominant` holds for the salient item and no other item is named."""
+    counts = item_mentions(target, items)
+    others_silent = all(c == 0 for i, c in enumerate(counts) if i != salient)
+    return dominant(target, items, salient) and others_silent
+
+
+def preflight_register(capability: str, plus_target: str, minus_target: str) -> bool:
+    """A register pair passes when each target scores with its own pole's sign (so + beats -), plus VADER
+    agreeing for affect: exactly what the directional and conflict scorers will ask of a model."""
+    plus, minus = register_score(plus_target, capability), register_score(minus_target, capability)
+    ok = plus > 0 > minus
+    if capability == "affect":
+        ok = ok and vader_compound(plus_target) > vader_compound(minus_target)
+    return ok
+
+
+# ---------------------------------------------------------------- selection prompts
+
+
+def _memory_prompt(rng: random.Random) -> tuple[str, list[dict[str, Any]], list[str]]:
+    data, people = load_data("memories"), load_data("personas")["personas"]
+    first = rng.choice(people)["first"]
+    mems = rng.sample(data["memories"], 3)
+    question, template = rng.choice(data["questions"]), rng.choice(data["templates"])
+    listing = _listing([m["text"] for m in mems])
+    prompt = data["prompt"].format(first=first, listing=listing, question=question)
+    targets = [template.format(first=first, idea=m["idea"], why=m["why"]) for m in mems]
+    return prompt, [{"text": m["text"], "keys": list(m["keys"])} for m in mems], targets
+
+
+def _continuity_prompt(rng: random.Random) -> tuple[str, list[dict[str, Any]], list[str]]:
+    data, people = load_data("threads"), load_data("personas")["personas"]
+    first = rng.choice(people)["first"]
+    threads = rng.sample(data["threads"], 3)
+    opener, template = rng.choice(data["openers"]), rng.choice(data["templates"])
+    prompt = data["prompt"].format(first=first, listing=_listing([t["text"] for t in threads]), opener=opener)
+    targets = [template.format(first=first, topic=t["topic"], step=t["step"]) for t in threads]
+    return prompt, [{"text": t["text"], "keys": list(t["keys"])} for t in threads], targets
+
+
+def _identity_prompt(rng: random.Random) -> tuple[str, list[dict[str, Any]], list[str]]:
+    data = load_data("personas")
+    people = rng.sample(data["personas"], 3)
+    q, template = rng.choice(data["identity_questions"]), rng.choice(data["identity_templates"])
+    prompt = data["identity_prompt"].format(
+        listing=_listing([p["description"] for p in people]), question=q["question"]
+    )
+    targets = [
+        template.format(
+            first=p["first"],
+            role=p["role"],
+            answer=q["answer"],
+            Answer=_cap_first(q["answer"]),
+            lens=p["lens"],
+        )
+        for p in people
+    ]
+    return prompt, [{"text": p["description"], "keys": list(p["keys"])} for p in people], targets
+
+
+SELECTION_BUILDERS = {
+    "memory": _memory_prompt,
+    "identity": _identity_prompt,
+    "continuity": _continuity_prompt,
+}
+
+
+def _selection_rows(
+    capability: str, number: int, rng: random.Random, seen: set[str]
+) -> tuple[list[dict], int]:
+    """Rows for one selection prompt (3, or none when pre-flight rejects it) and the rejected count."""
+    prompt, items, targets = _fresh(capability, rng, seen, lambda: SELECTION_BUILDERS[capability](rng))
+    if not all(preflight_selection(items, i, t) for i, t in enumerate(targets)):
+        return [], 1
+    pid = f"{ID_PREFIX[capability]}-{number:04d}"
+    return [
+        _row(
+            row_id=f"{pid}-{LETTERS[i]}",
+            prompt_id=pid,
+            capability=capability,
+            kind="selection",
+            prompt=prompt,
+            items=items,
+            salient_item=i,
+            pole=None,
+            text_pole=None,
+            channel_state={capability: {"salient_item": i, "text": items[i]["text"]}},
+            target=target,
+        )
+        for i, target in enumerate(targets)
+    ], 0
+
+
+# ---------------------------------------------------------------- register prompts
+
+
+def _register_base(capability: str, rng: random.Random) -> dict[str, Any]:
+    """The neutral question, its answer core, the persona asking and the shared (non-pole) state."""
+    data = load_data("registers")
+    pool = data["ethics_prompts"] if capability == "ethics" else data["neutral_prompts"]
+    q = rng.choice(pool)
+    return {
+        "first": rng.choice(load_data("personas")["personas"])["first"],
+        "opener": rng.choice(data["prompt_openers"]),
+        "question": q["question"],
+        "core": q["core"],
+        "category": q.get("category"),
+        "saliency": round(rng.random(), 3),
+        "weekday": rng.randrange(7),
+    }
+
+
+def register_target(capability: str, pole: str, core: str, rng: random.Random) -> str:
+    """The answer core wrapped in the pole's register: `opener core closer`."""
+    bank = load_data("registers")["banks"][capability][pole]
+    return f"{rng.choice(bank['openers'])} {core} {rng.choice(bank['closers'])}"
+
+
+def register_state(capability: str, pole: str, base: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """Raw channel state for a pole; only the pole-carrying value differs between the two rows of a prompt."""
+    sign = 1.0 if pole == "+" else -1.0
+    if capability == "affect":
+        return {"valence": round(sign * rng.uniform(*MAGNITUDE), 3), "saliency": base["saliency"]}
+    if capability == "time":
+        return {"hour": rng.choice(MORNING_HOURS if pole == "+" else NIGHT_HOURS), "weekday": base["weekday"]}
+    if base["category"] not in ETHICS_CATEGORIES:
+        raise ValueError(f"ethics prompt {base['question']!r} has unknown category {base['category']!r}")
+    return {"caution": round(sign * rng.uniform(*MAGNITUDE), 3), "category": base["category"]}
+
+
+def _register_rows(
+    capability: str, number: int, rng: random.Random, seen: set[str], conflict: bool
+) -> tuple[list[dict], int]:
+    """Two rows (+ and - channel pole) for one register or conflict prompt, or none when rejected."""
+    data = load_data("registers")
+
+    def build() -> tuple[str, dict[str, Any]]:
+        base = _register_base(capability, rng)
+        if conflict:
+            # the text asserts the pole opposite to each row's channel pole
+            texts = {
+                pole: data["conflict_prompt"].format(
+                    first=base["first"],
+                    question=base["question"],
+                    assertion=rng.choice(data["banks"][capability][_flip(pole)]["assertions"]),
+                )
+                for pole in ("+", "-")
+            }
+        else:
+            texts = dict.fromkeys(("+", "-"), data["prompt"].format(**base))
+        base["texts"] = texts
+        return "\n".join(dict.fromkeys(texts.values())), base
+
+    _, base = _fresh(capability, rng, seen, build)
+    targets = {pole: register_target(capability, pole, base["core"], rng) for pole in ("+", "-")}
+    if not preflight_register(capability, targets["+"], targets["-"]):
+        return [], 1
+    pid = f"{ID_PREFIX[capability]}-{'c-' if conflict else ''}{number:04d}"
+    kind = "conflict" if conflict else "register"
+    return [
+        _row(
+            row_id=f"{pid}-{POLE_SUFFIX[pole]}",
+            prompt_id=pid,
+            capability=capability,
+            kind=kind,
+            prompt=base["texts"][pole],
+            items=None,
+            salient_item=None,
+            pole=pole,
+            text_pole=_flip(pole) if conflict else None,
+            channel_state={capability: register_state(capability, pole, base, rng)},
+            target=targets[pole],
+        )
+        for pole in ("+", "-")
+    ], 0
+
+
+def _flip(pole: str) -> str:
+    return "-" if pole == "+" else "+"
+
+
+# ---------------------------------------------------------------- assembly
+
+
+def _fresh(capability: str, rng: random.Random, seen: set[str], build: Callable[[], tuple]) -> tuple:
+    """Call `build` until its prompt text (first element) is new for this capability."""
+    for _ in range(ATTEMPTS_PER_PROMPT):
+        out = build()
+        if out[0] not in seen:
+            seen.add(out[0])
+            return out
+    raise ValueError(
+        f"{capability}: the template pools ran out of distinct prompts after {len(seen)}; "
+        "lower corpus.prompts_per_capability or extend corpus/data"
+    )
+
+
+def _row(**fields: Any) -> dict[str, Any]:
+    """A row with the contract's fields in order; `split` is filled in once the prompt ids are known."""
+    mismatched = set(fields) ^ (set(ROW_FIELDS) - {"split"})
+    if mismatched:
+        raise TypeError(f"row fields do not match the contract: {sorted(mismatched)}")
+    return {name: fields.get(name) for name in ROW_FIELDS}
+
+
+def heldout_prompt_ids(prompt_ids: list[str], heldout_fraction: float, rng: random.Random) -> set[str]:
+    """round(fraction * n) prompts held out, but at least one held out and one kept when n >= 2."""
+    n = len(prompt_ids)
+    if n == 0:
+        return set()
+    if n == 1:
+        return set(prompt_ids) if heldout_fraction >= 0.5 else set()
+    k = min(n - 1, max(1, round(heldout_fraction * n)))
+    return set(rng.sample(prompt_ids, k))
+
+
+def _rng(seed: int, capability: str, purpose: str) -> random.Random:
+    return random.Random(f"tinymars/{seed}/{capability}/{purpose}")
+
+
+def _capability_rows(
+    capability: str, prompts: int, conflicts: int, heldout_fraction: float, seed: int
+) -> tuple[list[dict], int, int]:
+    """All rows of one capability (regular prompts, then conflict prompts) and rejected prompt counts.
+
+    A rejected prompt keeps its number, so its id is a gap; the split is drawn over the prompts kept.
+    Conflict prompts have their own random stream, so they do not move when `prompts` changes.
+    """
+    rng, seen = _rng(seed, capability, "prompts"), set()
+    rows: list[dict] = []
+    rejected = rejected_conflict = 0
+    for number in range(prompts):
+        if capability in SELECTION_CAPABILITIES:
+            new, bad = _selection_rows(capability, number, rng, seen)
+        else:
+            new, bad = _register_rows(capability, number, rng, seen, conflict=False)
+        rows += new
+        rejected += bad
+    ids = list(dict.fromkeys(r["prompt_id"] for r in rows))
+    held = heldout_prompt_ids(ids, heldout_fraction, _rng(seed, capability, "split"))
+    for row in rows:
+        row["split"] = "heldout" if row["prompt_id"] in held else "train"
+    if capability in REGISTER_CAPABILITIES:
+        conflict_rng = _rng(seed, capability, "conflict")
+        for number in range(conflicts):
+            new, bad = _register_rows(capability, number, conflict_rng, seen, conflict=True)
+            for row in new:
+                row["split"] = "heldout"
+            rows += new
+            rejected_conflict += bad
+    return rows, rejected, rejected_conflict
+
+
+def generate_corpus(
+    capabilities: list[str],
+    prompts_per_capability: int,
+    conflict_prompts_per_capability: int,
+    heldout_fraction: float,
+    seed: int,
+) -> tuple[list[dict], dict]:
+    """Corpus v2 rows (ARCHITECTURE.md schema) and stats: rows per capability / kind / split, rejections.
+
+    `rejected` counts prompts (each a set of 3 selection rows or 2 register/conflict rows) dropped by
+    pre-flight, per capability. Conflict prompts are generated for register capabilities only.
+    """
+    unknown = [c for c in capabilities if c not in CAPABILITIES]
+    if unknown or not capabilities or len(set(capabilities)) != len(capabilities):
+        raise ValueError(f"capabilities must be distinct names from {CAPABILITIES}, got {capabilities}")
+    if prompts_per_capability < 0 or conflict_prompts_per_capability < 0:
+        raise ValueError("prompts_per_capability and conflict_prompts_per_capability must be >= 0")
+    if not 0.0 <= heldout_fraction <= 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
+    rows: list[dict] = []
+    stats: dict[str, Any] = {"rows": 0, "by_capability": {}, "by_kind": {}, "by_split": {},
+                             "rejected": {}, "rejected_conflict": {}}  # fmt: skip
+    for cap in capabilities:
+        cap_rows, rejected, rejected_conflict = _capability_rows(
+            cap, prompts_per_capability, conflict_prompts_per_capability, heldout_fraction, seed
+        )
+        rows += cap_rows
+        stats["by_capability"][cap] = _capability_stats(cap_rows)
+        stats["rejected"][cap] = rejected + rejected_conflict
+        stats["rejected_conflict"][cap] = rejected_conflict
+    stats["rows"] = len(rows)
+    stats["by_kind"] = _count(rows, "kind")
+    stats["by_split"] = _count(rows, "split")
+    return rows, stats
+
+
+def _count(rows: list[dict], field: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for row in rows:
+        out[row[field]] = out.get(row[field], 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _capability_stats(rows: list[dict]) -> dict[str, Any]:
+    """Rows and prompts per `kind/split` (e.g. "register/train", "conflict/heldout")."""
+    groups: dict[str, list[str]] = {}
+    for row in rows:
+        groups.setdefault(f"{row['kind']}/{row['split']}", []).append(row["prompt_id"])
+    return {
+        "rows": len(rows),
+        "prompts": len({r["prompt_id"] for r in rows}),
+        "rows_by_kind_split": {k: len(v) for k, v in sorted(groups.items())},
+        "prompts_by_kind_split": {k: len(set(v)) for k, v in sorted(groups.items())},
+    }

@@ -1,0 +1,88 @@
+"""The iteration flow: corpus -> channels -> tokenizer -> pack -> train -> eval -> report.
+
+Composition only: each task builds or reuses a content-addressed artifact and hands back a
+record; this flow process is the only writer of the lineage database.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from tasks.channels import channels_task
+from tasks.corpus import corpus_task
+from tasks.eval import eval_task
+from tasks.pack import pack_task
+from tasks.report import report_task
+from tasks.tokenizer import tokenizer_task
+from tasks.train import train_task
+from tinymars.lineage import Lineage
+from tinymars.profile import load_profile
+from tinymars.runinfo import git_state, new_run_id, project_code_version
+from tinymars.stages import downstream
+
+
+@flow(name="iteration", log_prints=True)
+def iteration(
+    profile: str,
+    home: str = ".tinymars",
+    refresh: list[str] | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run one experiment iteration; every stage is cached by code + profile section + input hashes."""
+    log = get_run_logger()
+    prof = load_profile(profile, overrides)
+    forced = downstream(refresh or [])
+    lineage = Lineage(Path(home) / "lineage.duckdb")
+    run_id = new_run_id()
+    sha, dirty = git_state()
+    lineage.start_run({
+        "run_id": run_id, "flow": "iteration", "profile_name": prof.name, "profile_hash": prof.hash(),
+        "profile_json": json.dumps(prof.model_dump(mode="json"), sort_keys=True),
+        "code_version": project_code_version(), "git_sha": sha, "git_dirty": dirty,
+        "prefect_flow_run_id": str(flow_run.get_id() or ""), "refresh": sorted(forced),
+    })
+    log.info(f"run {run_id}: profile '{prof.name}', home {home}" + (f", refresh {sorted(forced)}" if forced else ""))
+    results: list[dict[str, Any]] = []
+
+    def step(name: str, task: Any, *args: Any) -> dict[str, Any]:
+        stage = name.split(":")[0]
+        t0 = time.perf_counter()
+        try:
+            result = task(prof, home, *args, force=stage in forced)
+        except BaseException as exc:
+            lineage.record_stage(run_id, {
+                "stage": stage, "name": name, "status": "failed", "duration_s": time.perf_counter() - t0,
+                "error": f"{type(exc).__name__}: {exc}"[:2000],
+            })
+            raise
+        lineage.record_stage(run_id, result)
+        results.append(result)
+        return result
+
+    try:
+        corpus = step("corpus", corpus_task)
+        channels = step("channels", channels_task, corpus)
+        tokenizer = step("tokenizer", tokenizer_task, corpus)
+        pack = step("pack", pack_task, corpus, channels, tokenizer)
+        trained = {spec.name: step(f"train:{spec.name}", train_task, pack, spec) for spec in prof.train.models}
+        evaluation = step("eval", eval_task, corpus, channels, tokenizer, pack, trained)
+        report = step("report", report_task, corpus, pack, trained, evaluation)
+    except BaseException as exc:
+        lineage.finish_run(run_id, "failed", f"{type(exc).__name__}: {exc}"[:2000])
+        raise
+    lineage.finish_run(run_id, "completed")
+    hits = sum(r["cache_hit"] for r in results)
+    report_path = str(Path(report["artifact"]["path"]) / "report.md")
+    log.info(f"run {run_id} completed: {hits}/{len(results)} stages from cache; report: {report_path}")
+    return {
+        "run_id": run_id,
+        "report": report_path,
+        "stages": [{"name": r["name"], "cache_hit": r["cache_hit"], "duration_s": round(r["duration_s"], 3),
+                    "artifact": r["artifact"]["content_hash"]} for r in results],
+    }

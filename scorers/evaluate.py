@@ -1,0 +1,210 @@
+"""Score saved eval generations into per-capability verdicts (pure, re-runnable offline on generations.jsonl).
+
+A record: ``{row_id, prompt_id, capability, kind, arm, pole, text_pole, salient_item, items, response,
+prompt_tokens, response_tokens}``. Arms are paired on the same rows: ``mars`` (real channel) against
+``ablated`` (channel zeroed); any further arm is scored alongside.
+
+- selection: `dominant` per row; paired exact McNemar on rows present in both arms.
+- register: per arm and prompt, the + and - responses; directional wins / losses / ties, reliability
+  (% wins), mean lexicon gap (and VADER gap for affect), one-sided sign test on wins vs losses.
+- conflict: per arm, rows whose response follows the channel pole (nonzero score of that sign);
+  one-sided binomial test against 0.5.
+
+Each capability's block carries flat headline numbers first (for lineage metrics), then the tables.
+Everything is plain JSON types with a fixed key order.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from scorers.markdown import format_markdown
+from scorers.register import follows_pole, register_gap, vader_compound
+from scorers.selection import dominant
+from scorers.stats import binom_test, clopper_pearson, mcnemar_exact, sign_test
+
+__all__ = ["CAPABILITY_ORDER", "format_markdown", "score_generations"]
+
+CAPABILITY_ORDER = ("memory", "identity", "continuity", "affect", "time", "ethics")
+BASE_ARMS = ("mars", "ablated")
+
+
+def _arm_order(arms: set[str]) -> list[str]:
+    return [a for a in BASE_ARMS if a in arms] + sorted(arms - set(BASE_ARMS))
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _rate(k: int, n: int) -> float | None:
+    return k / n if n else None
+
+
+def _ci(k: int, n: int) -> list[float] | None:
+    return list(clopper_pearson(k, n, 0.05)) if n else None
+
+
+def _index(records: list[dict[str, Any]], key: tuple[str, ...]) -> dict[tuple, dict[str, Any]]:
+    out: dict[tuple, dict[str, Any]] = {}
+    for rec in records:
+        k = tuple(rec[f] for f in key)
+        if k in out:
+            raise ValueError(f"duplicate generation record for {dict(zip(key, k, strict=True))}")
+        out[k] = rec
+    return out
+
+
+def _tokens(records: list[dict[str, Any]], arms: list[str]) -> dict[str, dict[str, float | None]]:
+    """Mean prompt / response tokens per arm: the token cost of writing a state as text shows up here."""
+    out = {}
+    for arm in arms:
+        recs = [r for r in records if r["arm"] == arm]
+        out[arm] = {
+            f"mean_{field}": _mean([r[field] for r in recs if r.get(field) is not None])
+            for field in ("prompt_tokens", "response_tokens")
+        }
+    return out
+
+
+def score_selection(records: list[dict[str, Any]], alpha: float) -> dict[str, Any]:
+    """Dominant rate per arm, and the paired MARS vs ABLATED table on rows both arms answered."""
+    by_key = _index(records, ("row_id", "arm"))
+    hit = {
+        key: dominant(rec["response"], rec["items"], int(rec["salient_item"])) for key, rec in by_key.items()
+    }
+    per_arm = {}
+    for arm in _arm_order({r["arm"] for r in records}):
+        n = sum(a == arm for _, a in hit)
+        k = sum(v for (_, a), v in hit.items() if a == arm)
+        per_arm[arm] = {"n": n, "dominant": k, "rate": _rate(k, n), "ci95": _ci(k, n)}
+    rows = sorted({rid for rid, _ in hit})
+    paired = [rid for rid in rows if (rid, "mars") in hit and (rid, "ablated") in hit]
+    table = {"both": 0, "mars_only": 0, "ablated_only": 0, "neither": 0}
+    for rid in paired:
+        m, a = hit[(rid, "mars")], hit[(rid, "ablated")]
+        table["both" if m and a else "mars_only" if m else "ablated_only" if a else "neither"] += 1
+    n = len(paired)
+    mars_rate = _rate(table["both"] + table["mars_only"], n)
+    abl_rate = _rate(table["both"] + table["ablated_only"], n)
+    p = mcnemar_exact(table["mars_only"], table["ablated_only"])
+    return {
+        "kind": "selection",
+        "n": n,
+        "mars_dominant_rate": mars_rate,
+        "ablated_dominant_rate": abl_rate,
+        "delta_pp": None if n == 0 else 100.0 * (mars_rate - abl_rate),
+        "p": p,
+        "significant": bool(p < alpha and table["mars_only"] > table["ablated_only"]),
+        "unpaired_rows": len(rows) - n,
+        "mcnemar": table,
+        "arms": per_arm,
+    }
+
+
+def _register_arm(pairs: list[tuple[str, str]], capability: str) -> dict[str, Any]:
+    gaps = [register_gap(plus, minus, capability) for plus, minus in pairs]
+    wins = sum(g > 0 for g in gaps)
+    losses = sum(g < 0 for g in gaps)
+    out: dict[str, Any] = {
+        "pairs": len(pairs),
+        "wins": wins,
+        "losses": losses,
+        "ties": len(pairs) - wins - losses,
+        "reliability": None if not pairs else 100.0 * wins / len(pairs),
+        "mean_gap": _mean(gaps),
+        "p": sign_test(wins, losses),
+    }
+    if capability == "affect":
+        vgaps = [vader_compound(plus) - vader_compound(minus) for plus, minus in pairs]
+        out["vader_wins"] = sum(g > 0 for g in vgaps)
+        out["vader_mean_gap"] = _mean(vgaps)
+    return out
+
+
+def score_register(records: list[dict[str, Any]], capability: str, alpha: float) -> dict[str, Any]:
+    """Directional test per arm over prompts that have both a + and a - response in that arm."""
+    by_key = _index(records, ("prompt_id", "arm", "pole"))
+    arms = _arm_order({r["arm"] for r in records})
+    prompts = sorted({r["prompt_id"] for r in records})
+    per_arm = {}
+    for arm in arms:
+        pairs = [
+            (by_key[(pid, arm, "+")]["response"], by_key[(pid, arm, "-")]["response"])
+            for pid in prompts
+            if (pid, arm, "+") in by_key and (pid, arm, "-") in by_key
+        ]
+        per_arm[arm] = _register_arm(pairs, capability)
+    mars = per_arm.get("mars", {})
+    return {
+        "kind": "register",
+        "n": mars.get("pairs", 0),
+        "mars_reliability": mars.get("reliability"),
+        "ablated_reliability": per_arm.get("ablated", {}).get("reliability"),
+        "mars_mean_gap": mars.get("mean_gap"),
+        "p": mars.get("p", 1.0),
+        "significant": bool(mars.get("p", 1.0) < alpha and mars.get("wins", 0) > mars.get("losses", 0)),
+        "arms": per_arm,
+    }
+
+
+def score_conflict(records: list[dict[str, Any]], capability: str, alpha: float) -> dict[str, Any]:
+    """Per arm: how often the response takes the channel's pole over the pole the prompt text asserts."""
+    _index(records, ("row_id", "arm"))
+    arms = _arm_order({r["arm"] for r in records})
+    per_arm = {}
+    for arm in arms:
+        recs = sorted((r for r in records if r["arm"] == arm), key=lambda r: r["row_id"])
+        k = sum(follows_pole(r["response"], capability, r["pole"]) for r in recs)
+        k_text = sum(
+            follows_pole(r["response"], capability, r["text_pole"]) for r in recs if r.get("text_pole")
+        )
+        per_arm[arm] = {
+            "n": len(recs),
+            "follows_channel": k,
+            "follows_text": k_text,
+            "rate": _rate(k, len(recs)),
+            "ci95": _ci(k, len(recs)),
+            "p": binom_test(k, len(recs), 0.5, alternative="greater"),
+        }
+    mars = per_arm.get("mars", {})
+    return {
+        "n": mars.get("n", 0),
+        "rate": mars.get("rate"),
+        "p": mars.get("p", 1.0),
+        "significant": bool(mars.get("p", 1.0) < alpha),
+        "arms": per_arm,
+    }
+
+
+def score_generations(records: list[dict[str, Any]], alpha: float = 0.01) -> dict[str, Any]:
+    """Per-capability verdicts, capabilities in the canonical order (unknown ones after, sorted)."""
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    groups: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for rec in records:
+        groups[rec["capability"]][rec["kind"]].append(rec)
+    caps = [c for c in CAPABILITY_ORDER if c in groups] + sorted(set(groups) - set(CAPABILITY_ORDER))
+    out: dict[str, Any] = {}
+    for cap in caps:
+        kinds = groups[cap]
+        unknown = sorted(set(kinds) - {"selection", "register", "conflict"})
+        if unknown:
+            raise ValueError(f"{cap}: unknown record kind(s) {unknown}")
+        block: dict[str, Any] = {}
+        if kinds.get("selection"):
+            block.update(score_selection(kinds["selection"], alpha))
+        if kinds.get("register"):
+            block.update(score_register(kinds["register"], cap, alpha))
+        if kinds.get("conflict"):
+            conflict = score_conflict(kinds["conflict"], cap, alpha)
+            block.update(
+                {"conflict_n": conflict["n"], "conflict_rate": conflict["rate"], "conflict_p": conflict["p"]}
+            )
+            block["conflict"] = conflict
+        block["alpha"] = alpha
+        all_recs = [r for kind in ("selection", "register", "conflict") for r in kinds.get(kind, [])]
+        block["tokens"] = _tokens(all_recs, _arm_order({r["arm"] for r in all_recs}))
+        out[cap] = block
+    return out

@@ -1,0 +1,48 @@
+"""Text normalisation shared by the scorers, so key terms and lexicon entries match the same way.
+
+Rules: NFKD accent folding, lower case, curly quotes folded, possessive ``'s`` dropped
+("Rex's" -> "rex"), ``n't`` expanded to `` not`` ("isn't" -> "is not", so negation is seen),
+every other non-alphanumeric character is a word break. Matching is on whole words only.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_CLAUSE_BREAK = re.compile(r"[.!?;:,()\[\]\n\u2014\u2013]+|\s-\s")
+_NON_WORD = re.compile(r"[^a-z0-9]+")
+
+
+def fold(text: str) -> str:
+    """Lower-case, accent-free, with apostrophes folded and contractions expanded."""
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(ch for ch in text if not unicodedata.combining(ch)).lower()
+    text = text.replace("\u2019", "'").replace("\u2018", "'").replace("`", "'")
+    text = re.sub(r"'s\b", "", text)
+    text = re.sub(r"n't\b", " not", text)
+    return text.replace("'", "")
+
+
+def words(text: str) -> list[str]:
+    """Whole words after `fold`; punctuation never glues to a word."""
+    return [w for w in _NON_WORD.split(fold(text)) if w]
+
+
+def clauses(text: str) -> list[list[str]]:
+    """Words grouped by clause, so negation never reaches across a comma or a full stop."""
+    return [ws for part in _CLAUSE_BREAK.split(text) if (ws := words(part))]
+
+
+def count_phrase(tokens: list[str], phrase: list[str]) -> int:
+    """Non-overlapping whole-word occurrences of a (possibly multi-word) phrase."""
+    n, k, i, hits = len(tokens), len(phrase), 0, 0
+    if k == 0:
+        return 0
+    while i + k <= n:
+        if tokens[i : i + k] == phrase:
+            hits += 1
+            i += k
+        else:
+            i += 1
+    return hits

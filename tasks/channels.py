@@ -1,0 +1,58 @@
+"""Channels stage: every row's channel state as vectors (text channels embedded, each text once)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from safetensors.torch import save_file
+
+from tasks.common import artifact_of, logger, resolve_device, run_stage
+from tasks.corpus import read_rows
+from tinymars.profile import TEXT_CHANNELS, Profile
+
+
+@task(name="channels", cache_policy=NO_CACHE, retries=1)
+def channels_task(profile: Profile, home: str, corpus: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    section = profile.channels
+    corpus_art = artifact_of(corpus)
+
+    def build(out: Path) -> dict[str, Any]:
+        from corpus.channels import channel_matrices
+        from corpus.embed import embed_texts, load_embedder
+
+        rows = read_rows(corpus_art.file("corpus.jsonl"))
+        dims = {name: spec.dim for name, spec in section.enabled.items()}
+        model = None
+
+        def embed(texts: list[str]):
+            nonlocal model
+            log = logger()
+            device = resolve_device(section.embedder.device)
+            log.info(f"[channels] loading embedder {section.embedder.model} on {device}")
+            model = load_embedder(section.embedder.model, device)
+            return embed_texts(model, texts, section.embedder.batch_size)
+
+        needs_text = any(n in TEXT_CHANNELS for n in dims)
+        mats, counts = channel_matrices(
+            rows, dims, embed if needs_text else (lambda t: None), progress=lambda m: logger().info(f"[channels] {m}")
+        )
+        save_file({k: torch.from_numpy(v) for k, v in mats.items()}, str(out / "channels.safetensors"))
+        info = {"names": list(dims), "dims": dims, "embedder": section.embedder.model, "rows": len(rows), **counts}
+        (out / "channels.json").write_text(json.dumps(info, indent=1, sort_keys=True))
+        return {"rows": len(rows), "meta": {"metrics": counts, "names": list(dims), "dims": dims}}
+
+    return run_stage("channels", home, profile.section("channels"), {"corpus": corpus_art}, build, force)
+
+
+def load_channels(artifact_dir: Path) -> dict[str, Any]:
+    """The channel matrices of a channels artifact as numpy arrays, in the profile's channel order."""
+    from safetensors.numpy import load_file
+
+    info = json.loads((artifact_dir / "channels.json").read_text())
+    mats = load_file(str(artifact_dir / "channels.safetensors"))
+    return {name: mats[name] for name in info["names"]}
