@@ -73,6 +73,8 @@ def pack_rows(
             continue
         ids, mask, cut = encode_row(tok, row["prompt"], row["target"], seq_len)
         truncated += cut
+        # bits per byte divides by the bytes of the target the model is scored on: all of it, unless cut
+        kept = tok.decode([t for t, m in zip(ids, mask, strict=True) if m]) if cut else row["target"]
         per_split[row["split"]].append(
             {
                 "row_id": row["row_id"],
@@ -81,7 +83,7 @@ def pack_rows(
                 "input_ids": ids,
                 "loss_mask": mask,
                 "channels": flat[i].tolist(),
-                "target_bytes": len(row["target"].encode("utf-8")),
+                "target_bytes": len(kept.encode("utf-8")),
             }
         )
     if not per_split["train"]:

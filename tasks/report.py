@@ -57,6 +57,9 @@ def render_report(profile: Profile, corpus_meta: dict, pack_meta: dict, models: 
                    _fmt(on["nats_per_token"], 4) if on else "–", z["tokens"]])
     parts += [_table(["model", "nats/token (channels zeroed)", "bits/byte (zeroed)", "nats/token (channels on)",
                       "tokens"], rr), ""]
+    parts += ["## Settings", "", f"Profile `{profile.name}`, hash `{profile.hash()[:16]}`.", "",
+              "<details><summary>the whole profile</summary>", "", "```json",
+              json.dumps(profile.model_dump(mode="json"), indent=1, sort_keys=True), "```", "</details>", ""]
     g = scores.get("gates") or {}
     if g:
         parts += [f"## Gates (alpha_l2 = {g['alpha_l2']:.4f})", "",
@@ -92,7 +95,9 @@ def report_task(
         (out / "report.md").write_text(text, encoding="utf-8")
         return {"meta": {"metrics": {}}}
 
-    result = run_stage("report", home, profile.section("report"), inputs, build, force)
+    # The report renders settings from every section (name, teacher, seeds, eval settings), so its
+    # key is the whole profile, not just the report section.
+    result = run_stage("report", home, profile.model_dump(mode="json"), inputs, build, force)
     report_md = Path(result["artifact"]["path"]) / "report.md"
     try:
         create_markdown_artifact(key="tinymars-report", markdown=report_md.read_text(), description=profile.name)

@@ -30,8 +30,6 @@ def train_task(
     section = {"train": profile.train.shared(), "model": registry_spec}
 
     def build(out: Path) -> dict[str, Any]:
-        import torch
-
         from models.data import load_split
         from models.registry import build as build_model
         from models.registry import count_params
@@ -40,13 +38,13 @@ def train_task(
         meta = json.loads(pack_art.file("pack.json").read_text())
         shard = lambda split: [Path(pack_art.path) / n for n in meta["shards"][split]]  # noqa: E731
         t = profile.train
-        torch.manual_seed(t.seed)
         model = build_model(
             registry_spec,
             vocab_size=meta["vocab_size"],
             seq_len=meta["seq_len"],
             channel_names=tuple(meta["channel_names"]),
             channel_dim=meta["channel_dim"],
+            seed=t.seed,
         )
         n_params = count_params(model)
         log = logger()

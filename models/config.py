@@ -1,0 +1,53 @@
+"""Model hyperparameters as one plain dataclass, so a model can be rebuilt from JSON."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a ChannelDecoder. No channel names means a channel-less baseline."""
+
+    vocab_size: int
+    seq_len: int
+    n_layer: int
+    n_head: int
+    d_model: int
+    mlp_ratio: float = 4.0
+    channel_names: tuple[str, ...] = ()
+    channel_dim: int = 0
+    channel_tokens: int = 2
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        # JSON round trips turn tuples into lists; keep the dataclass hashable and comparable.
+        self.channel_names = tuple(self.channel_names)
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError("head dim must be even for RoPE")
+        if self.channel_names and (self.channel_dim <= 0 or self.channel_tokens <= 0):
+            raise ValueError("a channel model needs channel_dim > 0 and channel_tokens > 0")
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def has_channels(self) -> bool:
+        return self.n_channels > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channel_names"] = list(self.channel_names)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {unknown}; allowed: {sorted(known)}")
+        return cls(**d)

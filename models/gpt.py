@@ -1,0 +1,266 @@
+"""ChannelDecoder: a small pre-norm GPT that reads proprioceptive channels in every layer.
+
+Shape glossary: B batch, T time, H heads, E head dim, C channels, D channel width,
+K tokens per channel, M model width (d_model), V vocab.
+
+Notable choices
+- Untied lm_head: the input embedding wants unit scale (it *is* the pre-norm residual stream)
+  while the head wants a near-zero init so the first loss is ln V; tying forces one compromise
+  scale. It costs V*M parameters, which the baselines pay too, so comparisons stay fair.
+- ReLU^2 MLP and QK-norm, as in nanochat: cheap, and stable at the high LRs a 2-minute CPU run needs.
+- Channels are all handled by einsums over a channel axis with static shapes (no per-channel
+  Python loop), because data-dependent shapes made the XLA/TPU run 12x slower in the reference.
+- The encoder and injections have no biases, so a zeroed channel contributes exactly nothing:
+  "ABLATED" means the text-only path, whatever the gates learned.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.config import ModelConfig
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """Parameter-free RMSNorm (nanochat style): one less thing to decay or tie."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the two halves of each head by position-dependent angles. x: [B,T,H,E]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """Preallocated keys/values for batched greedy decoding of left-padded prompts.
+
+    `valid[b, s]` says slot s of row b holds a real token (not left padding); `n_real[b]` is the
+    number of real tokens seen, i.e. the RoPE position of the row's next token. Encoded channel
+    tokens are kept here so the channel encoder runs once per prompt, not once per token.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.d_model // cfg.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.n_real = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length = 0
+        self.channel_tokens: Tensor | None = None
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this step's keys/values ([B,H,t,E]) and return everything so far."""
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim, self.dropout = cfg.n_head, cfg.d_model // cfg.n_head, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None,
+                layer: int = 0, mask: Tensor | None = None) -> Tensor:
+        B, T, M = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        q, k = rms_norm(rope(q, cos, sin)), rms_norm(rope(k, cos, sin))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,H,T,E]
+        if cache is None:
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            k, v = cache.update(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.dropout(self.proj(y.transpose(1, 2).reshape(B, T, M)), self.dropout, self.training)
+
+
+class ChannelEncoder(nn.Module):
+    """Project each channel's vector [D] to K tokens of width M: one einsum, weight [C,D,K,M]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, D, K, M = cfg.n_channels, cfg.channel_dim, cfg.channel_tokens, cfg.d_model
+        self.weight = nn.Parameter(torch.empty(C, D, K, M))
+
+    def forward(self, channels: Tensor) -> Tensor:
+        return torch.einsum("bcd,cdkm->bckm", channels, self.weight)
+
+
+class ChannelInjection(nn.Module):
+    """Cross-attention from hidden states to each channel's K tokens, gated per channel (ReZero).
+
+    Softmax runs over one channel's K tokens, for all channels at once ([B,H,T,C,K]), so a
+    channel competes only with itself and its gate alone decides how much it is heard.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim, self.dropout = cfg.n_head, cfg.d_model // cfg.n_head, cfg.dropout
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.gate = nn.Parameter(torch.zeros(cfg.n_channels))
+
+    def forward(self, x: Tensor, tokens: Tensor) -> Tensor:
+        B, T, M = x.shape
+        _, C, K, _ = tokens.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim)
+        k, v = self.kv(tokens).view(B, C, K, 2, self.n_head, self.head_dim).unbind(3)
+        att = torch.einsum("bthe,bckhe->bhtck", q, k) * self.head_dim**-0.5
+        att = F.dropout(att.softmax(dim=-1), self.dropout, self.training)
+        # Scaling v by the gate == scaling each channel's output; the sum over c happens in the einsum.
+        v = v * self.gate.view(1, C, 1, 1, 1)
+        y = torch.einsum("bhtck,bckhe->bthe", att, v).reshape(B, T, M)
+        return F.dropout(self.proj(y), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = int(cfg.mlp_ratio * cfg.d_model)
+        self.fc = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.proj = nn.Linear(hidden, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout(self.proj(F.relu(self.fc(x)).square()), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn = SelfAttention(cfg)
+        self.inject = ChannelInjection(cfg) if cfg.has_channels else None
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, tokens: Tensor | None,
+                cache: KVCache | None = None, layer: int = 0, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(rms_norm(x), cos, sin, cache, layer, mask)
+        if self.inject is not None:
+            x = x + self.inject(rms_norm(x), tokens)
+        return x + self.mlp(rms_norm(x))
+
+
+class ChannelDecoder(nn.Module):
+    """Decoder-only LM; with `cfg.channel_names` empty it is the channel-less baseline."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        head_dim = cfg.d_model // cfg.n_head
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.encoder = ChannelEncoder(cfg) if cfg.has_channels else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # derived, never saved
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """nanochat-like init: unit embeddings, 1/sqrt(fan_in) inputs, zero residual outputs.
+
+        Exceptions, both so channels can be learned quickly from a cold start:
+        - the injection's output projection is random, not zero: with the gate at 0 the gate's
+          gradient is <dL/dy, proj(attn_c)>, which a zero proj would kill (a dead ReZero).
+        - the channel encoder uses std 1, not 1/sqrt(D): channel vectors are unit-norm embeddings
+          or a few numbers of order 1 zero-padded to D, so std 1 gives unit-scale tokens for a
+          2-d affect channel and a 384-d text channel alike (1/sqrt(D) would mute the small ones).
+        """
+        for name, p in self.named_parameters():
+            if name.endswith("gate"):
+                p.zero_()
+            elif name == "wte.weight" or name == "encoder.weight":
+                p.normal_(0.0, 1.0)
+            elif name == "lm_head.weight":
+                p.normal_(0.0, 0.001)
+            elif name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                p.zero_()
+            else:  # every other parameter is a Linear weight [out, in]
+                p.normal_(0.0, p.size(1) ** -0.5)
+
+    # ---- channels -------------------------------------------------------------------------
+    def encode_channels(self, channels: Tensor | None, batch: int) -> Tensor | None:
+        """Channel tokens [B,C,K,M]; None channels are zeros (the ablated state)."""
+        if self.encoder is None:
+            return None
+        if channels is None:
+            channels = self.wte.weight.new_zeros(batch, self.cfg.n_channels, self.cfg.channel_dim)
+        return self.encoder(channels.to(self.wte.weight.dtype))
+
+    def _rope(self, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """cos/sin [..., T, 1, E/2] for integer positions [..., T]."""
+        angles = pos.to(torch.float32)[..., None] * self.inv_freq
+        return angles.cos()[..., None, :], angles.sin()[..., None, :]
+
+    # ---- training / scoring ---------------------------------------------------------------
+    def forward(self, idx: Tensor, channels: Tensor | None = None, targets: Tensor | None = None,
+                loss_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits [B,T,V] and, given next-token targets, the mean CE over loss_mask==1 positions."""
+        B, T = idx.shape
+        cos, sin = self._rope(torch.arange(T, device=idx.device))
+        tokens = self.encode_channels(channels, B)
+        x = self.wte(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, tokens)
+        logits = self.lm_head(rms_norm(x)).float()
+        if targets is None:
+            return logits, None
+        ce = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), reduction="none")
+        if loss_mask is None:
+            return logits, ce.mean()
+        m = loss_mask.reshape(B * T).to(ce.dtype)
+        return logits, (ce * m).sum() / m.sum().clamp_min(1.0)
+
+    # ---- generation -----------------------------------------------------------------------
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        w = self.wte.weight
+        return KVCache(self.cfg, batch, max_len, w.device, w.dtype)
+
+    def decode(self, idx: Tensor, cache: KVCache, channels: Tensor | None = None,
+               valid: Tensor | None = None) -> Tensor:
+        """Run new tokens idx [B,t] through the cache and return their logits [B,t,V].
+
+        `valid` [B,t] marks real tokens (False = left padding, only in the first call). Padding
+        gets no RoPE position and is never attended to, so a padded row equals the row alone.
+        """
+        B, t = idx.shape
+        valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid
+        start, end = cache.length, cache.length + t
+        pos = (cache.n_real[:, None] + valid.long().cumsum(1) - 1).clamp_min(0)
+        cache.valid[:, start:end] = valid
+        cache.n_real += valid.long().sum(1)
+        if cache.channel_tokens is None:
+            cache.channel_tokens = self.encode_channels(channels, B)
+        slots = torch.arange(end, device=idx.device)
+        qslots = slots[start:, None]
+        # causal over real keys; every query also sees itself so a pad query's softmax is finite
+        mask = ((slots <= qslots) & cache.valid[:, None, :end]) | (slots == qslots)
+        cos, sin = self._rope(pos)
+        x = self.wte(idx)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache.channel_tokens, cache, i, mask[:, None])
+        cache.length = end
+        return self.lm_head(rms_norm(x)).float()
+
+    # ---- introspection --------------------------------------------------------------------
+    def gate_values(self) -> Tensor:
+        """ReZero gates as [n_layer, C] (C = 0 for a baseline)."""
+        gates = [b.inject.gate.detach() for b in self.blocks if b.inject is not None]
+        return torch.stack(gates) if gates else torch.zeros(self.cfg.n_layer, 0)
+
+    def alpha_l2(self) -> float:
+        """L2 norm of all gates: the one-number proxy for 'are channels being used at all'."""
+        return float(self.gate_values().float().norm())
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
