@@ -38,7 +38,10 @@ def channel_matrices(
                 texts.setdefault(text, len(texts))
                 text_refs.append((name, i, text))
             else:
-                vec = np.asarray(encode_numeric(name, state, dims[name]), dtype=np.float32)
+                try:
+                    vec = np.asarray(encode_numeric(name, state, dims[name]), dtype=np.float32)
+                except (ValueError, TypeError, KeyError) as exc:
+                    raise ChannelError(f"row {row['row_id']}: bad {name} channel state: {exc}") from None
                 if vec.shape != (dims[name],) or not np.isfinite(vec).all():
                     raise ChannelError(
                         f"row {row['row_id']}: the {name} channel encoded to shape {vec.shape} with "

@@ -62,6 +62,10 @@ def train_task(
         )
         metrics = {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         metrics["num_params"] = n_params
+        sec_per_step = summary.get("timing", {}).get("sec_per_step")
+        if sec_per_step:  # wall-clock: lives in lineage and the manifest, never in the hashed files
+            metrics["sec_per_step"] = sec_per_step
+            metrics["tok_per_s"] = t.batch_size * meta["seq_len"] / sec_per_step
         return {"meta": {"metrics": metrics, "model": spec.name, "arch": spec.arch}}
 
     return run_stage("train", home, section, {"pack": pack_art}, build, force, name=f"train:{spec.name}")
