@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
+from flows.train import handback_path
 from tasks.channels import channels_task
 from tasks.corpus import corpus_task
 from tasks.eval import eval_task
@@ -24,7 +26,32 @@ from tasks.train import train_task
 from tinymars.lineage import Lineage
 from tinymars.profile import load_profile
 from tinymars.runinfo import git_state, new_run_id, project_code_version
-from tinymars.stages import downstream
+from tinymars.stages import ORDER, downstream
+
+
+def dispatch_training(
+    orch: Any, profile: str, home: str, pack: dict[str, Any], overrides: list[str] | None, force: bool
+) -> dict[str, dict[str, Any]]:
+    """Run the `train` deployment (an accelerator work pool) and wait; its records come back via `home`."""
+    log = get_run_logger()
+    log.info(f"dispatching training to deployment '{orch.train_deployment}' and waiting")
+    run = run_deployment(
+        name=orch.train_deployment,
+        parameters={"profile": profile, "home": home, "pack": pack, "overrides": overrides or [], "force": force},
+        timeout=orch.dispatch_timeout_s,
+    )
+    if run.state is None or not run.state.is_completed():
+        state = run.state.name if run.state else "unknown"
+        raise RuntimeError(f"train deployment run {run.id} ended in state {state}; see its logs in Prefect")
+    records = json.loads(handback_path(home, str(run.id)).read_text())
+    for result in records.values():
+        result["dispatched_to"] = str(run.id)
+    log.info(f"training finished on deployment run {run.id} ({run.name})")
+    return records
+
+
+class StopAfter(Exception):
+    """Raised (and caught) to end a run early at `--only STAGE`."""
 
 
 @flow(name="iteration", log_prints=True)
@@ -33,11 +60,14 @@ def iteration(
     home: str = ".tinymars",
     refresh: list[str] | None = None,
     overrides: list[str] | None = None,
+    only: str | None = None,
 ) -> dict[str, Any]:
     """Run one experiment iteration; every stage is cached by code + profile section + input hashes."""
     log = get_run_logger()
     prof = load_profile(profile, overrides)
     forced = downstream(refresh or [])
+    if only is not None and only not in ORDER:
+        raise ValueError(f"only: unknown stage '{only}'; allowed: {', '.join(ORDER)}")
     lineage = Lineage(Path(home) / "lineage.duckdb")
     run_id = new_run_id()
     sha, dirty = git_state()
@@ -59,26 +89,47 @@ def iteration(
             lineage.record_stage(run_id, {
                 "stage": stage, "name": name, "status": "failed", "duration_s": time.perf_counter() - t0,
                 "error": f"{type(exc).__name__}: {exc}"[:2000],
+                # a stage that fails after paying (budget stop, crash) still hands its calls back
+                "teacher_calls": getattr(exc, "teacher_calls", []),
             })
             raise
         lineage.record_stage(run_id, result)
         results.append(result)
         return result
 
+    def stop_after(stage: str) -> None:
+        if only == stage:
+            log.info(f"--only {stage}: stopping after it")
+            raise StopAfter
+
     try:
         corpus = step("corpus", corpus_task)
+        stop_after("corpus")
         channels = step("channels", channels_task, corpus)
+        stop_after("channels")
         tokenizer = step("tokenizer", tokenizer_task, corpus)
+        stop_after("tokenizer")
         pack = step("pack", pack_task, corpus, channels, tokenizer)
-        trained = {spec.name: step(f"train:{spec.name}", train_task, pack, spec) for spec in prof.train.models}
+        stop_after("pack")
+        if prof.orchestration.train_dispatch == "deployment":
+            trained = dispatch_training(prof.orchestration, profile, home, pack, overrides, "train" in forced)
+            for result in trained.values():
+                lineage.record_stage(run_id, result)
+                results.append(result)
+        else:
+            trained = {spec.name: step(f"train:{spec.name}", train_task, pack, spec) for spec in prof.train.models}
+        stop_after("train")
         evaluation = step("eval", eval_task, corpus, channels, tokenizer, pack, trained)
+        stop_after("eval")
         report = step("report", report_task, corpus, pack, trained, evaluation)
+    except StopAfter:
+        report = None
     except BaseException as exc:
         lineage.finish_run(run_id, "failed", f"{type(exc).__name__}: {exc}"[:2000])
         raise
     lineage.finish_run(run_id, "completed")
     hits = sum(r["cache_hit"] for r in results)
-    report_path = str(Path(report["artifact"]["path"]) / "report.md")
+    report_path = str(Path(report["artifact"]["path"]) / "report.md") if report else None
     log.info(f"run {run_id} completed: {hits}/{len(results)} stages from cache; report: {report_path}")
     return {
         "run_id": run_id,

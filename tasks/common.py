@@ -71,9 +71,17 @@ def run_stage(
     hit = artifact is not None
     if hit:
         log.info(f"[{label}] cache hit {key[:12]} -> {artifact.path}")
-    else:
+    handed_back: dict[str, Any] = {}
+    if not hit:
         log.info(f"[{label}] {'forced rebuild' if force else 'building'} (key {key[:12]})")
-        artifact = store.build(stage, key, build, inputs=input_hashes, replace=force)
+
+        def build_and_collect(out: Path) -> dict[str, Any]:
+            # Records that belong in lineage but not in the artifact (e.g. paid teacher calls).
+            info = dict(build(out) or {})
+            handed_back["teacher_calls"] = info.pop("teacher_calls", [])
+            return info
+
+        artifact = store.build(stage, key, build_and_collect, inputs=input_hashes, replace=force)
     duration = time.perf_counter() - t0
     if not hit:
         log.info(f"[{label}] done in {duration:.1f}s: {len(artifact.files)} files, {artifact.bytes:,} bytes")
@@ -88,7 +96,7 @@ def run_stage(
         "artifact": artifact.to_dict(),
         "inputs": input_hashes,
         "metrics": [{"key": k, "value": v} for k, v in sorted(metrics.items()) if _is_number(v)],
-        "teacher_calls": [],
+        "teacher_calls": handed_back.get("teacher_calls", []),
     }
 
 

@@ -118,3 +118,21 @@ def test_cli_runs_and_lineage_commands(chain, capsys):
     text = capsys.readouterr().out
     assert "parents:" in text and "corpus" in text and "children:" in text and "pack" in text
     assert main(["lineage", "zzzz", "--home", str(chain)]) == 2
+
+
+def test_only_stops_after_the_stage(chain, capsys):
+    assert main(["run", "--profile", "tiny", "--home", str(chain), "--only", "tokenizer"]) == 0
+    out = capsys.readouterr().out
+    assert "stopped after tokenizer (--only)" in out
+    lin = Lineage(chain / "lineage.duckdb")
+    run_id = lin.runs(1)[0]["run_id"]
+    assert [s["name"] for s in lin.stages(run_id)] == ["corpus", "channels", "tokenizer"]
+    assert lin.runs(1)[0]["status"] == "completed"
+
+
+def test_report_command_prints_the_latest_report(chain, capsys):
+    assert main(["report", "--home", str(chain)]) == 0
+    assert "## Evaluation: MARS vs ABLATED" in capsys.readouterr().out
+    assert main(["report", "--home", str(chain), "--path"]) == 0
+    assert capsys.readouterr().out.strip().endswith("report.md")
+    assert main(["report", "nope", "--home", str(chain)]) == 2

@@ -15,7 +15,7 @@ from tinymars.stages import ORDER, downstream
 DEFAULT_HOME = os.environ.get("TINYMARS_HOME", ".tinymars")
 
 
-def _home_arg(p: argparse.ArgumentParser) -> None:
+def home_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--home", default=DEFAULT_HOME,
         help="folder holding the artifact store and lineage.duckdb (default: $TINYMARS_HOME or ./.tinymars)",
@@ -35,9 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "or a path to a YAML profile")
     run.add_argument("--refresh", action="append", default=[], metavar="STAGE",
                      help=f"force STAGE and everything downstream of it; repeatable; one of {', '.join(ORDER)}")
+    run.add_argument("--only", metavar="STAGE", choices=ORDER,
+                     help="stop after STAGE (the stages it needs still run or come from cache)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a profile value (YAML syntax), e.g. --set train.steps=50; repeatable")
-    _home_arg(run)
+    home_arg(run)
 
     val = sub.add_parser("validate", help="validate a profile and exit (no work is done)")
     val.add_argument("--profile", required=True)
@@ -48,12 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     runs = sub.add_parser("runs", help="list recent runs with their stage cache hits")
     runs.add_argument("--limit", type=int, default=20)
     runs.add_argument("--json", action="store_true", help="machine-readable output")
-    _home_arg(runs)
+    home_arg(runs)
 
     lin = sub.add_parser("lineage", help="show a run's stages, or an artifact's parents and children")
     lin.add_argument("ident", metavar="RUN_OR_ARTIFACT", help="a run id or artifact hash (a unique prefix works)")
     lin.add_argument("--json", action="store_true", help="machine-readable output")
-    _home_arg(lin)
+    home_arg(lin)
+
+    from tinymars.commands import register_all
+
+    register_all(sub)
     return parser
 
 
@@ -111,7 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         out = iteration(profile=_absolute(args.profile), home=home, refresh=args.refresh,
-                        overrides=args.overrides)
+                        overrides=args.overrides, only=args.only)
     except KeyboardInterrupt:
         return fail("interrupted; finished stages stay cached, rerun the same command to continue", 130)
     except Exception as exc:  # the flow already logged the traceback and recorded the failure
@@ -121,7 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for s in out["stages"]:
         status = "cache hit" if s["cache_hit"] else "built"
         print(f"  {s['name']:<22} {status:<10} {s['duration_s']:>8.2f}s  {s['artifact'][:12]}")
-    print(f"report: {out['report']}")
+    print(f"report: {out['report']}" if out["report"] else f"stopped after {args.only} (--only)")
     return 0
 
 
@@ -136,7 +142,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_table(rows: list[dict[str, Any]]) -> None:
+def print_table(rows: list[dict[str, Any]]) -> None:
     if not rows:
         print("(none)")
         return
@@ -148,7 +154,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
-def _lineage(home: str):
+def open_lineage(home: str):
     from tinymars.lineage import Lineage
 
     path = Path(home) / "lineage.duckdb"
@@ -159,19 +165,19 @@ def _lineage(home: str):
 
 def cmd_runs(args: argparse.Namespace) -> int:
     try:
-        rows = _lineage(args.home).runs(args.limit)
+        rows = open_lineage(args.home).runs(args.limit)
     except FileNotFoundError as exc:
         return fail(str(exc))
     if args.json:
         print(json.dumps(rows, default=str, indent=1))
     else:
-        _print_table(rows)
+        print_table(rows)
     return 0
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
     try:
-        lin = _lineage(args.home)
+        lin = open_lineage(args.home)
         kind, ident = lin.resolve(args.ident)
     except (FileNotFoundError, KeyError) as exc:
         return fail(str(exc).strip("'\""))
@@ -181,7 +187,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             print(json.dumps({"run": ident, "stages": stages}, default=str, indent=1))
             return 0
         print(f"run {ident}")
-        _print_table(stages)
+        print_table(stages)
         return 0
     art, parents, children = lin.artifact(ident), lin.parents(ident), lin.children(ident)
     if args.json:
@@ -200,6 +206,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "handler", None) is not None:
+        return args.handler(args)
     handlers = {"run": cmd_run, "validate": cmd_validate, "runs": cmd_runs, "lineage": cmd_lineage,
                 "profiles": lambda a: print("\n".join(shipped_profiles())) or 0}
     return handlers[args.command](args)

@@ -210,6 +210,14 @@ class ReportSection(Section):
     title: str = "tinyMARS iteration"
 
 
+class OrchestrationSection(Section):
+    """Where stages run. Not part of any cache key: moving training to a GPU box changes no artifact."""
+
+    train_dispatch: Literal["local", "deployment"] = "local"
+    train_deployment: str = "train/train"
+    dispatch_timeout_s: Annotated[float, Field(gt=0)] = 86400.0
+
+
 class Profile(Section):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     description: str = ""
@@ -220,6 +228,7 @@ class Profile(Section):
     train: TrainSection
     eval: EvalSection = EvalSection()
     report: ReportSection = ReportSection()
+    orchestration: OrchestrationSection = OrchestrationSection()
 
     @model_validator(mode="after")
     def _cross_section(self) -> Profile:
