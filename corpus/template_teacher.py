@@ -129,30 +129,45 @@ SELECTION_BUILDERS = {
 }
 
 
+def selection_prompt(
+    capability: str, rng: random.Random, seen: set[str]
+) -> tuple[str, list[dict[str, Any]], list[str]]:
+    """A new selection prompt for this capability: (prompt, its three items, the template's three targets)."""
+    return _fresh(capability, rng, seen, lambda: SELECTION_BUILDERS[capability](rng))
+
+
+def prompt_id(capability: str, number: int, conflict: bool = False) -> str:
+    return f"{ID_PREFIX[capability]}-{'c-' if conflict else ''}{number:04d}"
+
+
+def selection_row(
+    capability: str, pid: str, prompt: str, items: list[dict[str, Any]], salient: int, target: str
+) -> dict[str, Any]:
+    """The row of a selection prompt whose channel marks item `salient`."""
+    return make_row(
+        row_id=f"{pid}-{LETTERS[salient]}",
+        prompt_id=pid,
+        capability=capability,
+        kind="selection",
+        prompt=prompt,
+        items=items,
+        salient_item=salient,
+        pole=None,
+        text_pole=None,
+        channel_state={capability: {"salient_item": salient, "text": items[salient]["text"]}},
+        target=target,
+    )
+
+
 def _selection_rows(
     capability: str, number: int, rng: random.Random, seen: set[str]
 ) -> tuple[list[dict], int]:
     """Rows for one selection prompt (3, or none when pre-flight rejects it) and the rejected count."""
-    prompt, items, targets = _fresh(capability, rng, seen, lambda: SELECTION_BUILDERS[capability](rng))
+    prompt, items, targets = selection_prompt(capability, rng, seen)
     if not all(preflight_selection(items, i, t) for i, t in enumerate(targets)):
         return [], 1
-    pid = f"{ID_PREFIX[capability]}-{number:04d}"
-    return [
-        _row(
-            row_id=f"{pid}-{LETTERS[i]}",
-            prompt_id=pid,
-            capability=capability,
-            kind="selection",
-            prompt=prompt,
-            items=items,
-            salient_item=i,
-            pole=None,
-            text_pole=None,
-            channel_state={capability: {"salient_item": i, "text": items[i]["text"]}},
-            target=target,
-        )
-        for i, target in enumerate(targets)
-    ], 0
+    pid = prompt_id(capability, number)
+    return [selection_row(capability, pid, prompt, items, i, target) for i, target in enumerate(targets)], 0
 
 
 # ---------------------------------------------------------------- register prompts
@@ -174,10 +189,17 @@ def _register_base(capability: str, rng: random.Random) -> dict[str, Any]:
     }
 
 
+def register_wrap(capability: str, pole: str, rng: random.Random) -> tuple[str, str]:
+    """An opener and a closer from the pole's phrase bank."""
+    bank = load_data("registers")["banks"][capability][pole]
+    opener = rng.choice(bank["openers"])
+    return opener, rng.choice(bank["closers"])
+
+
 def register_target(capability: str, pole: str, core: str, rng: random.Random) -> str:
     """The answer core wrapped in the pole's register: `opener core closer`."""
-    bank = load_data("registers")["banks"][capability][pole]
-    return f"{rng.choice(bank['openers'])} {core} {rng.choice(bank['closers'])}"
+    opener, closer = register_wrap(capability, pole, rng)
+    return f"{opener} {core} {closer}"
 
 
 def register_state(capability: str, pole: str, base: dict[str, Any], rng: random.Random) -> dict[str, Any]:
@@ -192,10 +214,8 @@ def register_state(capability: str, pole: str, base: dict[str, Any], rng: random
     return {"caution": round(sign * rng.uniform(*MAGNITUDE), 3), "category": base["category"]}
 
 
-def _register_rows(
-    capability: str, number: int, rng: random.Random, seen: set[str], conflict: bool
-) -> tuple[list[dict], int]:
-    """Two rows (+ and - channel pole) for one register or conflict prompt, or none when rejected."""
+def register_prompt(capability: str, rng: random.Random, seen: set[str], conflict: bool) -> dict[str, Any]:
+    """A new register (or conflict) prompt: `_register_base` plus `texts`, the prompt text per channel pole."""
     data = load_data("registers")
 
     def build() -> tuple[str, dict[str, Any]]:
@@ -206,7 +226,7 @@ def _register_rows(
                 pole: data["conflict_prompt"].format(
                     first=base["first"],
                     question=base["question"],
-                    assertion=rng.choice(data["banks"][capability][_flip(pole)]["assertions"]),
+                    assertion=rng.choice(data["banks"][capability][flip(pole)]["assertions"]),
                 )
                 for pole in ("+", "-")
             }
@@ -215,31 +235,44 @@ def _register_rows(
         base["texts"] = texts
         return "\n".join(dict.fromkeys(texts.values())), base
 
-    _, base = _fresh(capability, rng, seen, build)
+    return _fresh(capability, rng, seen, build)[1]
+
+
+def register_row(
+    capability: str, pid: str, base: dict[str, Any], pole: str, conflict: bool, state: dict[str, Any], target: str
+) -> dict[str, Any]:
+    """The row of a register or conflict prompt whose channel holds `pole`."""
+    return make_row(
+        row_id=f"{pid}-{POLE_SUFFIX[pole]}",
+        prompt_id=pid,
+        capability=capability,
+        kind="conflict" if conflict else "register",
+        prompt=base["texts"][pole],
+        items=None,
+        salient_item=None,
+        pole=pole,
+        text_pole=flip(pole) if conflict else None,
+        channel_state={capability: state},
+        target=target,
+    )
+
+
+def _register_rows(
+    capability: str, number: int, rng: random.Random, seen: set[str], conflict: bool
+) -> tuple[list[dict], int]:
+    """Two rows (+ and - channel pole) for one register or conflict prompt, or none when rejected."""
+    base = register_prompt(capability, rng, seen, conflict)
     targets = {pole: register_target(capability, pole, base["core"], rng) for pole in ("+", "-")}
     if not preflight_register(capability, targets["+"], targets["-"]):
         return [], 1
-    pid = f"{ID_PREFIX[capability]}-{'c-' if conflict else ''}{number:04d}"
-    kind = "conflict" if conflict else "register"
+    pid = prompt_id(capability, number, conflict)
     return [
-        _row(
-            row_id=f"{pid}-{POLE_SUFFIX[pole]}",
-            prompt_id=pid,
-            capability=capability,
-            kind=kind,
-            prompt=base["texts"][pole],
-            items=None,
-            salient_item=None,
-            pole=pole,
-            text_pole=_flip(pole) if conflict else None,
-            channel_state={capability: register_state(capability, pole, base, rng)},
-            target=targets[pole],
-        )
+        register_row(capability, pid, base, pole, conflict, register_state(capability, pole, base, rng), targets[pole])
         for pole in ("+", "-")
     ], 0
 
 
-def _flip(pole: str) -> str:
+def flip(pole: str) -> str:
     return "-" if pole == "+" else "+"
 
 
@@ -259,7 +292,7 @@ def _fresh(capability: str, rng: random.Random, seen: set[str], build: Callable[
     )
 
 
-def _row(**fields: Any) -> dict[str, Any]:
+def make_row(**fields: Any) -> dict[str, Any]:
     """A row with the contract's fields in order; `split` is filled in once the prompt ids are known."""
     mismatched = set(fields) ^ (set(ROW_FIELDS) - {"split"})
     if mismatched:
@@ -278,8 +311,17 @@ def heldout_prompt_ids(prompt_ids: list[str], heldout_fraction: float, rng: rand
     return set(rng.sample(prompt_ids, k))
 
 
-def _rng(seed: int, capability: str, purpose: str) -> random.Random:
+def capability_rng(seed: int, capability: str, purpose: str) -> random.Random:
+    """The random stream of one (capability, purpose): capabilities never move each other's rows."""
     return random.Random(f"tinymars/{seed}/{capability}/{purpose}")
+
+
+def assign_splits(rows: list[dict], capability: str, heldout_fraction: float, seed: int) -> None:
+    """Set `split` on a capability's regular rows, drawn over the prompts kept (never across a prompt)."""
+    ids = list(dict.fromkeys(r["prompt_id"] for r in rows))
+    held = heldout_prompt_ids(ids, heldout_fraction, capability_rng(seed, capability, "split"))
+    for row in rows:
+        row["split"] = "heldout" if row["prompt_id"] in held else "train"
 
 
 def _capability_rows(
@@ -290,7 +332,7 @@ def _capability_rows(
     A rejected prompt keeps its number, so its id is a gap; the split is drawn over the prompts kept.
     Conflict prompts have their own random stream, so they do not move when `prompts` changes.
     """
-    rng, seen = _rng(seed, capability, "prompts"), set()
+    rng, seen = capability_rng(seed, capability, "prompts"), set()
     rows: list[dict] = []
     rejected = rejected_conflict = 0
     for number in range(prompts):
@@ -300,12 +342,9 @@ def _capability_rows(
             new, bad = _register_rows(capability, number, rng, seen, conflict=False)
         rows += new
         rejected += bad
-    ids = list(dict.fromkeys(r["prompt_id"] for r in rows))
-    held = heldout_prompt_ids(ids, heldout_fraction, _rng(seed, capability, "split"))
-    for row in rows:
-        row["split"] = "heldout" if row["prompt_id"] in held else "train"
+    assign_splits(rows, capability, heldout_fraction, seed)
     if capability in REGISTER_CAPABILITIES:
-        conflict_rng = _rng(seed, capability, "conflict")
+        conflict_rng = capability_rng(seed, capability, "conflict")
         for number in range(conflicts):
             new, bad = _register_rows(capability, number, conflict_rng, seen, conflict=True)
             for row in new:
@@ -327,6 +366,18 @@ def generate_corpus(
     `rejected` counts prompts (each a set of 3 selection rows or 2 register/conflict rows) dropped by
     pre-flight, per capability. Conflict prompts are generated for register capabilities only.
     """
+    check_corpus_args(capabilities, prompts_per_capability, conflict_prompts_per_capability, heldout_fraction)
+    per_capability = {
+        cap: _capability_rows(cap, prompts_per_capability, conflict_prompts_per_capability, heldout_fraction, seed)
+        for cap in capabilities
+    }
+    return corpus_stats(per_capability)
+
+
+def check_corpus_args(
+    capabilities: list[str], prompts_per_capability: int, conflict_prompts_per_capability: int,
+    heldout_fraction: float,
+) -> None:
     unknown = [c for c in capabilities if c not in CAPABILITIES]
     if unknown or not capabilities or len(set(capabilities)) != len(capabilities):
         raise ValueError(f"capabilities must be distinct names from {CAPABILITIES}, got {capabilities}")
@@ -334,13 +385,14 @@ def generate_corpus(
         raise ValueError("prompts_per_capability and conflict_prompts_per_capability must be >= 0")
     if not 0.0 <= heldout_fraction <= 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
+
+
+def corpus_stats(per_capability: dict[str, tuple[list[dict], int, int]]) -> tuple[list[dict], dict]:
+    """All rows in capability order and their stats, from each capability's (rows, rejected, rejected_conflict)."""
     rows: list[dict] = []
     stats: dict[str, Any] = {"rows": 0, "by_capability": {}, "by_kind": {}, "by_split": {},
                              "rejected": {}, "rejected_conflict": {}}  # fmt: skip
-    for cap in capabilities:
-        cap_rows, rejected, rejected_conflict = _capability_rows(
-            cap, prompts_per_capability, conflict_prompts_per_capability, heldout_fraction, seed
-        )
+    for cap, (cap_rows, rejected, rejected_conflict) in per_capability.items():
         rows += cap_rows
         stats["by_capability"][cap] = _capability_stats(cap_rows)
         stats["rejected"][cap] = rejected + rejected_conflict

@@ -83,16 +83,22 @@ def preflight(profile_arg: str, overrides: list[str], refresh: list[str]) -> Any
                 f"train.models[{spec.name}].arch: unknown architecture '{spec.arch}'; "
                 f"registered: {', '.join(sorted(REGISTRY))}"
             )
+        if spec.arch == "adapter" and not Path(spec.base).expanduser().exists():
+            raise ProfileError(
+                f"train.models[{spec.name}].base: '{spec.base}' does not exist; point it at a local Hugging Face "
+                "model folder (config.json) or one of our trained model folders (model.json)"
+            )
+    from corpus.teacher_corpus import check_runnable
+
+    try:  # the teacher's key is in the environment variable the profile names (never printed), templates load
+        check_runnable(prof.corpus)
+    except ValueError as exc:
+        raise ProfileError(str(exc)) from None
     return prof
 
 
 def runnable_here(prof: Any) -> str | None:
     """Why a valid profile cannot run with this version, or None."""
-    if prof.corpus.teacher.kind != "template":
-        return (
-            f"corpus.teacher.kind: '{prof.corpus.teacher.kind}' teachers are not implemented in this version "
-            "yet; use kind: template (offline)"
-        )
     return None
 
 

@@ -8,6 +8,7 @@ the corpus stage has spent money.
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -46,6 +47,16 @@ class TemplateTeacher(Section):
     kind: Literal["template"] = "template"
 
 
+class TeacherPrice(Section):
+    """USD per 1M tokens for the teacher's model; cached and batch rates default to the plain ones."""
+
+    input: Annotated[float, Field(ge=0)]
+    output: Annotated[float, Field(ge=0)]
+    cached_input: Annotated[float, Field(ge=0)] | None = None
+    batch_input: Annotated[float, Field(ge=0)] | None = None
+    batch_output: Annotated[float, Field(ge=0)] | None = None
+
+
 class OpenAITeacher(Section):
     """Any OpenAI-compatible endpoint; the key is read from the environment variable *named* here."""
 
@@ -58,6 +69,50 @@ class OpenAITeacher(Section):
     timeout_s: Annotated[float, Field(gt=0)] = 60.0
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
     max_tokens: Annotated[int, Field(ge=1)] = 256
+    max_usd: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="most this corpus's teacher calls may cost (all runs); stops cleanly before it")
+    price: TeacherPrice | None = Field(default=None, description="overrides the shipped price table")
+    requests_per_minute: Annotated[int, Field(ge=1)] | None = None
+    tokens_per_minute: Annotated[int, Field(ge=1)] | None = None
+    max_retries: Annotated[int, Field(ge=0, le=20)] = 6
+    backoff_s: Annotated[float, Field(ge=0)] = 1.0
+    backoff_max_s: Annotated[float, Field(ge=0)] = 60.0
+    max_retry_after_s: Annotated[float, Field(gt=0)] = 300.0
+    structured_output: Literal["auto", "json_schema", "json_object", "off"] = "auto"
+    resamples: Annotated[int, Field(ge=0, le=5)] = Field(
+        default=1, description="extra samples for a target that fails pre-flight")
+    batch: bool = Field(default=False, description="use the Batch API (batch prices, hours not seconds)")
+    batch_poll_s: Annotated[float, Field(gt=0)] = 30.0
+    prompts_dir: str | None = Field(default=None, description="folder overriding corpus/prompts/*.txt")
+
+    @model_validator(mode="after")
+    def _key_and_price(self) -> OpenAITeacher:
+        from corpus.prices import lookup
+
+        env = self.api_key_env
+        # never echo the value: someone may have pasted a key here
+        if env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", env):
+            raise ValueError("api_key_env: must be the NAME of an environment variable (e.g. OPENAI_API_KEY), "
+                             "never the key itself")
+        if not self.free and env is None:
+            raise ValueError("api_key_env: a paid endpoint needs the name of the environment variable holding "
+                             "its key (e.g. OPENAI_API_KEY); or set free: true for a local server")
+        if not self.free and self.price is None and lookup(self.model) is None:
+            raise ValueError(
+                f"model: no price for '{self.model}' in corpus/data/prices.json; add price: {{input: ..., "
+                "output: ...}} (USD per 1M tokens), or set free: true for a local server")
+        return self
+
+
+class ReplaySource(Section):
+    """General text mixed into the train split (replay), read through `datasets`."""
+
+    source: str = Field(description="a local .parquet/.jsonl/.json/.txt file or folder, or a hub dataset name")
+    config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    ratio: Annotated[float, Field(gt=0, le=10)] = Field(default=0.1, description="replay rows per train row")
+    max_chars: Annotated[int, Field(ge=16)] = 1200
 
 
 class CorpusSection(Section):
@@ -67,6 +122,7 @@ class CorpusSection(Section):
     conflict_prompts_per_capability: Annotated[int, Field(ge=0)] = 10
     heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
     seed: int = 0
+    replay: ReplaySource | None = None
 
     @field_validator("capabilities")
     @classmethod
@@ -141,24 +197,66 @@ class PackSection(Section):
 
 # ---------------------------------------------------------------- train
 class ModelSpec(Section):
+    """One model to train. Decoders (native, baseline) give their shape; a baseline may instead give
+    `bracket: below|above` and get the depth whose parameter count is just below / above the
+    native's (width and heads default to the native's). An adapter gives `base`: a local Hugging
+    Face model folder or one of our trained model folders, frozen, and `adapter: cross_attn|film`."""
+
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")]
     arch: str
-    n_layer: Annotated[int, Field(ge=1)]
-    n_head: Annotated[int, Field(ge=1)]
-    d_model: Annotated[int, Field(ge=8)]
-    mlp_ratio: Annotated[float, Field(gt=0)] = 4.0
+    n_layer: Annotated[int, Field(ge=1)] | None = None
+    n_head: Annotated[int, Field(ge=1)] | None = None
+    d_model: Annotated[int, Field(ge=8)] | None = None
+    mlp_ratio: Annotated[float, Field(gt=0)] | None = None
+    bracket: Literal["below", "above"] | None = None
+    base: str | None = Field(default=None, description="adapter: local HF model folder or trained model folder")
+    adapter: Literal["cross_attn", "film"] | None = None
 
     @model_validator(mode="after")
-    def _heads_fit(self) -> ModelSpec:
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
-        if (self.d_model // self.n_head) % 2:
-            raise ValueError(f"head dim d_model/n_head = {self.d_model // self.n_head} must be even (RoPE)")
+    def _shape_fits_arch(self) -> ModelSpec:
+        if self.arch == "adapter":
+            if self.base is None:
+                raise ValueError("arch 'adapter' needs base: a local Hugging Face model folder or a trained model "
+                                 "folder")
+            given = [k for k in ("n_layer", "d_model", "mlp_ratio", "bracket") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"arch 'adapter' takes its shape from the base; remove {', '.join(given)}")
+            return self
+        if self.base is not None or self.adapter is not None:
+            raise ValueError(f"base/adapter are for arch 'adapter', not '{self.arch}'")
+        if self.bracket is not None:
+            if self.arch != "baseline":
+                raise ValueError(f"bracket is for arch 'baseline', not '{self.arch}'")
+            if self.n_layer is not None:
+                raise ValueError("bracket sizes n_layer itself; remove n_layer or bracket")
+        elif self.arch in ("native", "baseline"):
+            missing = [k for k in ("n_layer", "n_head", "d_model") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"arch '{self.arch}' needs {', '.join(missing)} (or, for a baseline, bracket)")
+        if self.d_model is not None and self.n_head is not None:
+            if self.d_model % self.n_head:
+                raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
+            if (self.d_model // self.n_head) % 2:
+                raise ValueError(f"head dim d_model/n_head = {self.d_model // self.n_head} must be even (RoPE)")
         return self
 
 
 class TrainSection(Section):
+    """How every model trains. `batch_size` is rows per optimizer step over all devices and
+    accumulation steps, so changing `devices` or `grad_accum` keeps the recipe."""
+
     device: Literal["auto", "cpu", "cuda", "xla"] = "auto"
+    devices: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default=1, description="training processes: GPUs (torchrun when > 1), XLA devices, or CPU ranks (gloo)")
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    grad_accum: Annotated[int, Field(ge=1)] = 1
+    compile: bool = False
+    schedule: Literal["cosine", "linear"] = "cosine"
+    channel_dropout_warmup: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="steps over which channel dropout ramps up; default: warmup_steps")
+    checkpoint_every: Annotated[int, Field(ge=0)] = 0
+    keep_checkpoints: Annotated[int, Field(ge=1)] = 2
+    resume: bool = True
     steps: Annotated[int, Field(ge=1)]
     batch_size: Annotated[int, Field(ge=1)] = 16
     lr: Annotated[float, Field(gt=0, le=1)] = 3e-3
@@ -182,32 +280,109 @@ class TrainSection(Section):
             raise ValueError(f"models: names must be unique, got {names}")
         if not any(m.arch == "native" for m in self.models):
             raise ValueError("models: needs one model with arch 'native' (the channel model under test)")
+        per_step = self.grad_accum * (self.devices if isinstance(self.devices, int) else 1)
+        if self.batch_size % per_step:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by grad_accum x devices = {per_step}")
+        if self.device == "cpu" and self.precision == "bf16":
+            raise ValueError("precision bf16 is for accelerators; use auto or fp32 with device cpu")
         return self
 
     def shared(self) -> dict[str, Any]:
-        """The settings every model trains with (the cache key of one model excludes the others)."""
-        return self.model_dump(mode="json", exclude={"models"})
+        """The settings every model trains with (the cache key of one model excludes the others).
+
+        Checkpointing and resume settings are left out: an exact resume changes no result.
+        """
+        return self.model_dump(mode="json", exclude={"models", "checkpoint_every", "keep_checkpoints", "resume"})
 
 
 # ---------------------------------------------------------------- eval / report
+Arm = Literal["mars", "ablated", "text"]
+# metric -> the capabilities it is defined for (scorers.outcomes.applies is the scorer's side of this)
+HYPOTHESIS_METRICS = {
+    "dominant": ("memory", "identity", "continuity"),
+    "directional": ("affect", "time", "ethics"),
+    "gap": ("affect", "time", "ethics"),
+    "vader_gap": ("affect",),
+    "conflict": ("affect", "time", "ethics"),
+}
+
+
+class SamplingSpec(Section):
+    """temperature 0 is greedy decoding; otherwise seeded sampling, reproducible per row."""
+
+    temperature: Annotated[float, Field(ge=0, le=5)] = 0.0
+    top_k: Annotated[int, Field(ge=1)] | None = None
+    seed: int = 0
+
+
+class HypothesisSpec(Section):
+    """Pre-registered before the run: `arm` beats `beats` (an arm, or chance) on `metric` at `alpha`."""
+
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    capability: Capability | Literal["all"] = "all"
+    metric: Literal["dominant", "directional", "gap", "vader_gap", "conflict"]
+    arm: Arm = "mars"
+    beats: Arm | Literal["chance"]
+    alpha: Annotated[float, Field(gt=0, lt=1)] = 0.01
+
+    @model_validator(mode="after")
+    def _coherent(self) -> HypothesisSpec:
+        if self.beats == self.arm:
+            raise ValueError(f"hypothesis {self.id}: beats must differ from arm ('{self.arm}')")
+        allowed = HYPOTHESIS_METRICS[self.metric]
+        if self.capability != "all" and self.capability not in allowed:
+            raise ValueError(f"hypothesis {self.id}: metric '{self.metric}' applies to {', '.join(allowed)} "
+                             f"(or all), not '{self.capability}'")
+        return self
+
+
 class EvalSection(Section):
     model: str | None = Field(default=None, description="model name to evaluate; default: the native")
-    arms: list[Literal["mars", "ablated"]] = ["mars", "ablated"]
+    arms: list[Arm] = ["mars", "ablated"]
     max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 48
     batch_size: Annotated[int, Field(ge=1)] = 32
     max_prompts_per_capability: Annotated[int, Field(ge=1)] | None = None
     alpha: Annotated[float, Field(gt=0, lt=1)] = 0.01
+    sampling: SamplingSpec = SamplingSpec()
+    fixed_shape: bool = Field(default=False, description="pad every batch to one shape (XLA: no recompiles)")
+    followup_turns: Annotated[int, Field(ge=0, le=8)] = 0
+    followup_prompt: str = "Tell me more."
+    persistence_segments: Annotated[int, Field(ge=1, le=10)] = 3
+    bootstrap_resamples: Annotated[int, Field(ge=100, le=100000)] = 2000
+    bootstrap_seed: int = 0
+    hypotheses: list[HypothesisSpec] = []
 
     @field_validator("arms")
     @classmethod
     def _mars_and_ablated(cls, v: list[str]) -> list[str]:
-        if set(v) != {"mars", "ablated"}:
-            raise ValueError("arms: the paired tests need both 'mars' and 'ablated'")
+        if not {"mars", "ablated"} <= set(v):
+            raise ValueError("arms: the paired tests need both 'mars' and 'ablated' (and 'text' optionally)")
+        if len(set(v)) != len(v):
+            raise ValueError("arms: lists an arm twice")
         return v
+
+    @model_validator(mode="after")
+    def _hypotheses_use_generated_arms(self) -> EvalSection:
+        ids = [h.id for h in self.hypotheses]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"hypotheses: ids must be unique, got {ids}")
+        for h in self.hypotheses:
+            for arm in (h.arm, h.beats):
+                if arm != "chance" and arm not in self.arms:
+                    raise ValueError(f"hypotheses: {h.id} compares arm '{arm}', which is not generated; "
+                                     f"add it to eval.arms (now {self.arms})")
+        return self
+
+    def scoring(self) -> dict[str, Any]:
+        """What the scorers need (scorers.evaluate.score_all settings): the same dict here and offline."""
+        return {"alpha": self.alpha, "hypotheses": [h.model_dump(mode="json") for h in self.hypotheses],
+                "bootstrap_seed": self.bootstrap_seed, "bootstrap_resamples": self.bootstrap_resamples,
+                "persistence_segments": self.persistence_segments}
 
 
 class ReportSection(Section):
     title: str = "tinyMARS iteration"
+    html: bool = Field(default=True, description="also write report.html (self-contained, with plots)")
 
 
 class OrchestrationSection(Section):
