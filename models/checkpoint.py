@@ -1,52 +1,222 @@
-"""Write and read a trained model as model.safetensors + model.json.
+"""Model files and training checkpoints: written atomically, verified by sha256 before they are used.
 
-Both files are written under a temporary name and renamed into place, so a crash never
-leaves a truncated model behind a valid-looking name. Neither holds a timestamp or a
-wall-clock figure: the same training inputs give the same bytes.
+- A trained model is `model.safetensors` + `model.json` (how to rebuild it through the registry,
+  and the sha256 of the weights). Neither holds a timestamp or a wall-clock figure: the same
+  training inputs give the same bytes.
+- A training checkpoint is a folder `step-NNNNNNNN/` with the weights (safetensors), the optimizer
+  state, the trainer state (step = data position, loss accumulators, RNG) and the metrics so far,
+  plus `checkpoint.json` listing every file's sha256 and the run's fingerprint. It is built under
+  a temporary name and renamed into place, so a kill mid-write leaves nothing a resume would trust.
+
+Every load re-hashes; a mismatch raises CheckpointError naming the file. A checkpoint from
+another model shape or training recipe is refused with the fields that differ.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+import torch
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from models.registry import build, build_info, count_params
+from tinymars.artifacts import canonical_json, hash_bytes, sha256_file, write_atomic
 
 WEIGHTS, META = "model.safetensors", "model.json"
+CKPT_META, OPTIMIZER, STATE, METRICS = "checkpoint.json", "optimizer.pt", "state.pt", "metrics.jsonl"
+CKPT_FORMAT = 1
 
 
-def _replace_atomically(path: Path, write) -> None:
+class CheckpointError(RuntimeError):
+    """A model file or checkpoint that must not be used; the message names the file and the fix."""
+
+
+def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict on the CPU, contiguous (what safetensors needs; also moves XLA/CUDA tensors)."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
 def save_model(model: nn.Module, out_dir: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Save weights and the metadata needed to rebuild them; returns the metadata dict."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _replace_atomically(out_dir / WEIGHTS, lambda p: save_file(state, str(p)))
+    _replace_atomically(out_dir / WEIGHTS, lambda p: save_file(cpu_state(model), str(p)))
     info = build_info(model)
     cfg = getattr(model, "cfg", None)
     meta = {"arch": info["arch"], "build": info, "config": cfg.to_dict() if cfg is not None else None,
-            "num_params": count_params(model), **(extra or {})}
+            "num_params": count_params(model), "weights_sha256": sha256_file(out_dir / WEIGHTS), **(extra or {})}
     text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
     _replace_atomically(out_dir / META, lambda p: p.write_text(text))
     return meta
 
 
+def _check_sha(path: Path, want: str | None) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the folder is incomplete, rebuild it (e.g. rerun training)")
+    if want is not None and sha256_file(path) != want:
+        raise CheckpointError(f"{path}: sha256 does not match the one recorded when it was written; the file is "
+                              "corrupt or was changed; delete the folder and rebuild it")
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Strict load with an error that names the file and the tensors that do not fit this model."""
+    state = load_file(str(path))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k}: file {list(state[k].shape)} vs model {list(own[k].shape)}"
+             for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"shapes differ ({'; '.join(wrong[:4])})"] if wrong else []
+        parts += [f"missing {missing[:4]}"] if missing else []
+        parts += [f"unexpected {unexpected[:4]}"] if unexpected else []
+        raise CheckpointError(f"{path}: was written by a model of another shape: {', '.join(parts)}; "
+                              "load it with the model spec it was trained with")
+    model.load_state_dict(state, strict=True)
+
+
 def load_model(model_dir: str | Path, device: str = "cpu") -> nn.Module:
-    """Rebuild a model through the registry from model.json, then load model.safetensors (strict)."""
+    """Rebuild a model through the registry from model.json, verify and load model.safetensors."""
     model_dir = Path(model_dir)
-    info = json.loads((model_dir / META).read_text())["build"]
+    if not (model_dir / META).is_file():
+        raise CheckpointError(f"{model_dir / META}: missing; {model_dir} is not a trained model folder")
+    meta = json.loads((model_dir / META).read_text())
+    _check_sha(model_dir / WEIGHTS, meta.get("weights_sha256"))
+    info = meta["build"]
     model = build(info["spec"], vocab_size=info["vocab_size"], seq_len=info["seq_len"],
                   channel_names=info["channel_names"], channel_dim=info["channel_dim"], seed=info["seed"])
-    model.load_state_dict(load_file(str(model_dir / WEIGHTS)), strict=True)
+    load_weights(model, model_dir / WEIGHTS)
     model.build_info = info
     return model.to(device).eval()
+
+
+# ---- training checkpoints -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified checkpoint folder; `load_*` read its (already hash-checked) files."""
+
+    path: Path
+    step: int
+    fingerprint: dict[str, Any]
+
+    def load_model_state(self, model: nn.Module) -> None:
+        load_weights(model, self.path / WEIGHTS)
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return torch.load(self.path / OPTIMIZER, map_location="cpu", weights_only=True)
+
+    def trainer_state(self) -> dict[str, Any]:
+        return torch.load(self.path / STATE, map_location="cpu", weights_only=True)
+
+    def metrics_text(self) -> str:
+        return (self.path / METRICS).read_text()
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def checkpoint_files(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                     metrics: str) -> dict[str, bytes]:
+    """The bytes of one checkpoint (device tensors are copied to the CPU); only the main rank needs them."""
+    return {WEIGHTS: save(cpu_state(model)), OPTIMIZER: _torch_bytes(_to_cpu(optimizer.state_dict())),
+            STATE: _torch_bytes(_to_cpu(state)), METRICS: metrics.encode()}
+
+
+def write_checkpoint(ckpt_dir: Path, step: int, files: dict[str, bytes], fingerprint: dict[str, Any],
+                     keep: int = 2) -> Path:
+    """Publish `step-NNNNNNNN/` atomically (temporary folder, manifest last, rename); keep the newest `keep`."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step-{step:08d}"
+    tmp = ckpt_dir / f".tmp-step-{step:08d}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for name, data in files.items():
+            write_atomic(tmp / name, data)
+        meta = {"format": CKPT_FORMAT, "step": step, "fingerprint": fingerprint,
+                "files": {name: hash_bytes(data) for name, data in files.items()}}
+        write_atomic(tmp / CKPT_META, json.dumps(meta, indent=1, sort_keys=True))
+        if final.exists():  # a rerun past the same step: replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(ckpt_dir.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def verify_checkpoint(folder: Path) -> Checkpoint:
+    """Re-hash every file of a checkpoint folder; CheckpointError names the first bad file."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / CKPT_META).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{folder / CKPT_META}: unreadable ({exc}); the checkpoint is incomplete") from None
+    if meta.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"{folder / CKPT_META}: format {meta.get('format')} is not {CKPT_FORMAT}")
+    for name in (WEIGHTS, OPTIMIZER, STATE, METRICS):
+        if name not in meta["files"]:
+            raise CheckpointError(f"{folder / CKPT_META}: lists no {name}; the checkpoint is incomplete")
+        _check_sha(folder / name, meta["files"][name])
+    return Checkpoint(folder, int(meta["step"]), meta["fingerprint"])
+
+
+def fingerprint_differences(want: dict[str, Any], got: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields where two fingerprints differ, with both values."""
+    out = []
+    for key in sorted(set(want) | set(got)):
+        a, b = want.get(key), got.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += fingerprint_differences(a, b, f"{prefix}{key}.")
+        elif canonical_json(a) != canonical_json(b):
+            out.append(f"{prefix}{key}: checkpoint {json.dumps(b, default=str)} vs now {json.dumps(a, default=str)}")
+    return out
+
+
+def latest_checkpoint(ckpt_dir: Path, fingerprint: dict[str, Any],
+                      warn: Callable[[str], Any] = print) -> Checkpoint | None:
+    """The newest checkpoint that verifies, or None. A corrupt one is reported and skipped (an older one
+    may still be good); one written for another model or recipe is an error, never silently used."""
+    ckpt_dir = Path(ckpt_dir)
+    for folder in sorted(ckpt_dir.glob("step-*"), reverse=True):
+        try:
+            ckpt = verify_checkpoint(folder)
+        except CheckpointError as exc:
+            warn(f"skipping checkpoint: {exc}")
+            continue
+        diffs = fingerprint_differences(fingerprint, ckpt.fingerprint)
+        if diffs:
+            raise CheckpointError(f"{folder}: was written for another model or training recipe "
+                                  f"({'; '.join(diffs[:5])}); use a fresh checkpoint folder or the old settings")
+        return ckpt
+    return None

@@ -1,9 +1,13 @@
-"""Packed parquet shards -> fixed-shape training and eval batches.
+"""Packed parquet shards -> fixed-shape training and eval batches, sharded across DDP ranks.
 
 Rows are never concatenated (each row has its own channel state), so a batch is B rows, each
 cut or padded to T = seq_len. Shapes never change between steps: that keeps torch.compile
 and XLA from recompiling. The training order is a pure function of (seed, step), so a run
-resumed at step s sees exactly the batches the uninterrupted run would have seen.
+resumed at step s sees exactly the batches the uninterrupted run would have seen, and every
+rank derives the same global batch and takes its own slice of it (no sampler state to save).
+
+Shards are memory-mapped and token rows are zero-copy views of the Arrow buffers, so DDP ranks
+on one host share the page cache instead of each holding a copy; channels are one dense array.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class PackedRows:
     row_id: list[str]
     prompt_id: list[str]
     capability: list[str]
-    input_ids: list[np.ndarray]  # each int64 [L_i], L_i <= seq_len + 1
+    input_ids: list[np.ndarray]  # each int [L_i] (int32 from the packer), L_i <= seq_len + 1
     loss_mask: list[np.ndarray]  # each int8 [L_i]
     channels: np.ndarray  # float32 [N, C, D]
     target_bytes: np.ndarray  # int64 [N]; zeros when the shards carry no target_bytes column
@@ -59,7 +63,7 @@ def load_split(paths: Sequence[str | Path], channel_dim: int | None = None) -> P
     """
     if channel_dim is None and paths and (Path(paths[0]).parent / "pack.json").exists():
         channel_dim = int(json.loads((Path(paths[0]).parent / "pack.json").read_text())["channel_dim"])
-    tables = [pq.read_table(str(p)) for p in paths]
+    tables = [pq.read_table(str(p), memory_map=True) for p in paths]
     if not tables:
         raise ValueError("load_split needs at least one shard")
     missing = [c for c in COLUMNS if c not in tables[0].column_names]
@@ -71,8 +75,8 @@ def load_split(paths: Sequence[str | Path], channel_dim: int | None = None) -> P
     names: dict[str, list[str]] = {"row_id": [], "prompt_id": [], "capability": []}
     nbytes: list[np.ndarray] = []
     for t in tables:
-        ids += [a.astype(np.int64) for a in _ragged(t.column("input_ids"))]
-        masks += [a.astype(np.int8) for a in _ragged(t.column("loss_mask"))]
+        ids += _ragged(t.column("input_ids"))  # views, not copies; make_batch widens them
+        masks += _ragged(t.column("loss_mask"))
         flat += [a.astype(np.float32) for a in _ragged(t.column("channels"))]
         for k in names:
             names[k] += [str(x) for x in t.column(k).to_pylist()]
@@ -121,33 +125,63 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def batch_rows(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Row indices of global batch `step` (0-based): sample i = step * B + j is epoch_order(i // n)[i % n].
+
+    A batch may span two epochs; any step can be computed without replaying the ones before it.
+    """
+    if n == 0:
+        raise ValueError("cannot draw batches from an empty split")
+    samples = step * batch_size + np.arange(batch_size)
+    picks = np.empty(batch_size, np.int64)
+    for epoch in np.unique(samples // n):
+        here = samples // n == epoch
+        picks[here] = epoch_order(n, seed, int(epoch))[samples[here] % n]
+    return picks
+
+
+def shard_rows(picks: np.ndarray, grad_accum: int, world: int, rank: int, micro: int) -> np.ndarray:
+    """This rank's rows for micro-step `micro` of a global batch laid out as [grad_accum, world, B_micro]."""
+    if len(picks) % (grad_accum * world):
+        raise ValueError(f"batch_size {len(picks)} is not divisible by grad_accum x devices = {grad_accum} x {world}")
+    return picks.reshape(grad_accum, world, -1)[micro, rank]
+
+
+def loss_token_counts(rows: PackedRows, seq_len: int) -> np.ndarray:
+    """Per row, the number of positions a batch will train on (mask of input_ids[1 : seq_len + 1])."""
+    return np.array([int(m[1:seq_len + 1].sum()) for m in rows.loss_mask], dtype=np.int64)
+
+
 def iterate_batches(rows: PackedRows, batch_size: int, seq_len: int, pad_id: int, seed: int,
                     start_step: int = 0) -> Iterator[dict[str, Tensor]]:
-    """Endless shuffled batches, always exactly batch_size rows (a batch may span two epochs).
-
-    Sample number i = step * batch_size + j is row epoch_order(i // N)[i % N], so the stream
-    can be restarted at any step without replaying the ones before it.
-    """
-    n = len(rows)
-    if n == 0:
-        raise ValueError("cannot iterate over an empty split")
-    step, order, order_epoch = start_step, None, -1
+    """Endless shuffled global batches of exactly batch_size rows, from `start_step` on (see batch_rows)."""
+    step = start_step
     while True:
-        picks = np.empty(batch_size, np.int64)
-        for j in range(batch_size):
-            i = step * batch_size + j
-            if i // n != order_epoch:
-                order_epoch = i // n
-                order = epoch_order(n, seed, order_epoch)
-            picks[j] = order[i % n]
-        yield make_batch(rows, picks, seq_len, pad_id)
+        yield make_batch(rows, batch_rows(len(rows), batch_size, seed, step), seq_len, pad_id)
         step += 1
 
 
-def eval_batches(rows: PackedRows, batch_size: int, seq_len: int, pad_id: int) -> Iterator[dict[str, Tensor]]:
-    """Rows in order; the last batch may be smaller. Adds `target_bytes` [B] for bits per byte."""
+def pad_batch(batch: dict[str, Tensor], size: int, pad_id: int) -> dict[str, Tensor]:
+    """Append empty rows (pad tokens, mask 0, zero channels) up to `size` rows: one shape for every batch."""
+    extra = size - batch["idx"].size(0)
+    if extra <= 0:
+        return batch
+    out = {}
+    for k, v in batch.items():
+        filler = torch.full((extra, *v.shape[1:]), pad_id if k in ("idx", "targets") else 0, dtype=v.dtype)
+        out[k] = torch.cat([v, filler])
+    return out
+
+
+def eval_batches(rows: PackedRows, batch_size: int, seq_len: int, pad_id: int,
+                 fixed_shape: bool = False) -> Iterator[dict[str, Tensor]]:
+    """Rows in order, with `target_bytes` [B] for bits per byte.
+
+    The last batch may be smaller, unless `fixed_shape` (XLA): then it is padded with empty rows
+    that carry no loss and no bytes, so evaluation compiles one graph.
+    """
     for start in range(0, len(rows), batch_size):
         index = np.arange(start, min(start + batch_size, len(rows)))
         batch = make_batch(rows, index, seq_len, pad_id)
         batch["target_bytes"] = torch.from_numpy(rows.target_bytes[index])
-        yield batch
+        yield pad_batch(batch, batch_size, pad_id) if fixed_shape else batch

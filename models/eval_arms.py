@@ -1,4 +1,15 @@
-"""Generate eval responses for each arm on the same held-out rows (MARS = real channel, ABLATED = zeroed).
+"""Generate eval responses for each arm on the same held-out rows.
+
+Arms (the prompt rows are identical across arms; only what carries the state changes):
+- `mars`: the real channel state, the plain prompt.
+- `ablated`: channels zeroed, the plain prompt (the text-only path of the same model).
+- `text`: channels zeroed, the same state written into the prompt
+  (`corpus.encode.state_as_prompt_text`): does the channel do what a few prompt tokens do?
+
+Follow-up turns (persistence): turn k's prompt is turn k-1's prompt, its response and a fixed
+follow-up line, with the arm's channel still set; the scorer asks whether the effect survives.
+Only MARS and ABLATED get follow-up turns (the persistence contrast); TEXT would pay the longest
+prompts for a question the channel-vs-text table already answers at turn 0.
 
 Plain torch, no Prefect: a notebook can call `generate_arms` on any trained model.
 """
@@ -12,7 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.generate import generate
+from corpus.encode import state_as_prompt_text
+from models.generate import GREEDY, Sampling, generate
+
+ARMS = ("mars", "ablated", "text")
+FOLLOWUP_ARMS = ("mars", "ablated")
 
 
 def select_eval_rows(rows: list[dict[str, Any]], max_prompts_per_capability: int | None) -> list[int]:
@@ -40,6 +55,21 @@ def channel_tensor(mats: dict[str, np.ndarray], names: list[str], dim: int, inde
     return out
 
 
+def arm_prompt(row: dict[str, Any], arm: str) -> str:
+    """The prompt text an arm sends: the row's prompt, preceded by the written state for `text`."""
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; allowed: {', '.join(ARMS)}")
+    if arm != "text":
+        return row["prompt"]
+    states = [state_as_prompt_text(cap, state) for cap, state in sorted(row["channel_state"].items())]
+    return " ".join([*states, row["prompt"]])
+
+
+def followup_prompt(prompt: str, response: str, followup: str) -> str:
+    """The next turn's prompt: the conversation so far, then the follow-up line."""
+    return " ".join(part for part in (prompt, response.strip(), followup) if part)
+
+
 @torch.no_grad()
 def generate_arms(
     model: torch.nn.Module,
@@ -53,34 +83,51 @@ def generate_arms(
     max_new_tokens: int,
     batch_size: int,
     progress: Callable[[str], None] = lambda _: None,
+    *,
+    sampling: Sampling = GREEDY,
+    fixed_shape: bool = False,
+    followup_turns: int = 0,
+    followup: str = "",
 ) -> list[dict[str, Any]]:
-    """One record per (row, arm): the response and everything a scorer needs to re-score it offline."""
+    """One record per (row, arm, turn): the response and everything a scorer needs to re-score it offline."""
     model.eval()
-    prompts = [tok.prompt_ids(rows[i]["prompt"]) for i in index]
     real = channel_tensor(mats, names, dim, index)
+    texts = {arm: [arm_prompt(rows[i], arm) for i in index] for arm in arms}
     records = []
-    for arm in arms:
-        chans = real if arm == "mars" else torch.zeros_like(real)
-        progress(f"generating {len(prompts)} responses for arm {arm}")
-        outs = generate(model, prompts, chans, max_new_tokens, tok.eos_id, tok.pad_id, batch_size=batch_size)
-        for i, prompt_ids, new in zip(index, prompts, outs, strict=True):
-            row = rows[i]
-            records.append(
-                {
-                    "row_id": row["row_id"],
-                    "prompt_id": row["prompt_id"],
-                    "capability": row["capability"],
-                    "kind": row["kind"],
-                    "arm": arm,
-                    "pole": row.get("pole"),
-                    "text_pole": row.get("text_pole"),
-                    "salient_item": row.get("salient_item"),
-                    "items": row.get("items") or [],
-                    "channel_state": row["channel_state"],
-                    "prompt": row["prompt"],
-                    "response": tok.decode(new),
-                    "prompt_tokens": len(prompt_ids),
-                    "response_tokens": len(new),
-                }
-            )
+    for turn in range(followup_turns + 1):
+        turn_arms = arms if turn == 0 else [a for a in arms if a in FOLLOWUP_ARMS]
+        ids = {arm: [tok.prompt_ids(t) for t in texts[arm]] for arm in turn_arms}
+        # one prompt length for every arm of a turn: with fixed shapes, one compiled graph serves them all
+        prompt_len = max((len(p) for arm in turn_arms for p in ids[arm]), default=1)
+        for arm in turn_arms:
+            chans = real if arm == "mars" else torch.zeros_like(real)
+            progress(f"turn {turn}: generating {len(index)} responses for arm {arm}")
+            outs = generate(model, ids[arm], chans, max_new_tokens, tok.eos_id, tok.pad_id, batch_size=batch_size,
+                            sampling=sampling, fixed_shape=fixed_shape, prompt_len=prompt_len)
+            for j, (i, new) in enumerate(zip(index, outs, strict=True)):
+                response = tok.decode(new)
+                records.append(_record(rows[i], arm, turn, texts[arm][j], response, len(ids[arm][j]), len(new)))
+                texts[arm][j] = followup_prompt(texts[arm][j], response, followup)
     return records
+
+
+def _record(row: dict[str, Any], arm: str, turn: int, prompt: str, response: str, prompt_tokens: int,
+            response_tokens: int) -> dict[str, Any]:
+    return {
+        "row_id": row["row_id"],
+        "prompt_id": row["prompt_id"],
+        "capability": row["capability"],
+        "kind": row["kind"],
+        "arm": arm,
+        "turn": turn,
+        "channel": "real" if arm == "mars" else "zeroed",
+        "pole": row.get("pole"),
+        "text_pole": row.get("text_pole"),
+        "salient_item": row.get("salient_item"),
+        "items": row.get("items") or [],
+        "channel_state": row["channel_state"],
+        "prompt": prompt,
+        "response": response,
+        "prompt_tokens": prompt_tokens,
+        "response_tokens": response_tokens,
+    }

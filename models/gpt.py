@@ -29,6 +29,15 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def masked_cross_entropy(logits: Tensor, targets: Tensor, loss_mask: Tensor | None) -> Tensor:
+    """Mean next-token CE over positions where loss_mask == 1 (all positions without a mask)."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    if loss_mask is None:
+        return ce.mean()
+    m = loss_mask.flatten().to(ce.dtype)
+    return (ce * m).sum() / m.sum().clamp_min(1.0)
+
+
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the two halves of each head by position-dependent angles. x: [B,T,H,E]."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -41,9 +50,14 @@ class KVCache:
     `valid[b, s]` says slot s of row b holds a real token (not left padding); `n_real[b]` is the
     number of real tokens seen, i.e. the RoPE position of the row's next token. Encoded channel
     tokens are kept here so the channel encoder runs once per prompt, not once per token.
+
+    `fixed=True` (for XLA / torch.compile): writes go to a tensor cursor and attention always spans
+    the whole preallocated buffer (unwritten slots are masked out), so every decode step has the
+    same shapes and no Python int that changes per step: one graph for the prefill, one per step.
     """
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype,
+                 fixed: bool = False):
         shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.d_model // cfg.n_head)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
@@ -51,9 +65,16 @@ class KVCache:
         self.n_real = torch.zeros(batch, dtype=torch.long, device=device)
         self.length = 0
         self.channel_tokens: Tensor | None = None
+        self.fixed = fixed
+        self.cursor = torch.zeros((), dtype=torch.long, device=device)  # next free slot (fixed mode)
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write this step's keys/values ([B,H,t,E]) and return everything so far."""
+        """Write this step's keys/values ([B,H,t,E]) and return everything so far (fixed: the whole buffer)."""
+        if self.fixed:
+            at = self.cursor + torch.arange(k.size(2), device=k.device)
+            self.k[layer].index_copy_(2, at, k)
+            self.v[layer].index_copy_(2, at, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.size(2)
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
@@ -71,7 +92,8 @@ class SelfAttention(nn.Module):
                 layer: int = 0, mask: Tensor | None = None) -> Tensor:
         B, T, M = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
-        q, k = rms_norm(rope(q, cos, sin)), rms_norm(rope(k, cos, sin))
+        # under bf16 autocast rope/rms_norm run in fp32 while v stays bf16; SDPA wants one dtype
+        q, k = rms_norm(rope(q, cos, sin)).to(v.dtype), rms_norm(rope(k, cos, sin)).to(v.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,H,T,E]
         if cache is None:
             p = self.dropout if self.training else 0.0
@@ -83,12 +105,14 @@ class SelfAttention(nn.Module):
 
 
 class ChannelEncoder(nn.Module):
-    """Project each channel's vector [D] to K tokens of width M: one einsum, weight [C,D,K,M]."""
+    """Project each channel's vector [D] to K tokens of width M: one einsum, weight [C,D,K,M].
 
-    def __init__(self, cfg: ModelConfig):
+    Sized by plain numbers (not a ModelConfig) so the frozen-base adapter reuses it at the base's width.
+    """
+
+    def __init__(self, n_channels: int, channel_dim: int, channel_tokens: int, width: int):
         super().__init__()
-        C, D, K, M = cfg.n_channels, cfg.channel_dim, cfg.channel_tokens, cfg.d_model
-        self.weight = nn.Parameter(torch.empty(C, D, K, M))
+        self.weight = nn.Parameter(torch.empty(n_channels, channel_dim, channel_tokens, width))
 
     def forward(self, channels: Tensor) -> Tensor:
         return torch.einsum("bcd,cdkm->bckm", channels, self.weight)
@@ -101,13 +125,15 @@ class ChannelInjection(nn.Module):
     channel competes only with itself and its gate alone decides how much it is heard.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, width: int, n_head: int, n_channels: int, dropout: float = 0.0):
         super().__init__()
-        self.n_head, self.head_dim, self.dropout = cfg.n_head, cfg.d_model // cfg.n_head, cfg.dropout
-        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.gate = nn.Parameter(torch.zeros(cfg.n_channels))
+        if width % n_head:
+            raise ValueError(f"channel injection width {width} is not divisible by n_head {n_head}")
+        self.n_head, self.head_dim, self.dropout = n_head, width // n_head, dropout
+        self.q = nn.Linear(width, width, bias=False)
+        self.kv = nn.Linear(width, 2 * width, bias=False)
+        self.proj = nn.Linear(width, width, bias=False)
+        self.gate = nn.Parameter(torch.zeros(n_channels))
 
     def forward(self, x: Tensor, tokens: Tensor) -> Tensor:
         B, T, M = x.shape
@@ -138,7 +164,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn = SelfAttention(cfg)
-        self.inject = ChannelInjection(cfg) if cfg.has_channels else None
+        self.inject = (ChannelInjection(cfg.d_model, cfg.n_head, cfg.n_channels, cfg.dropout)
+                       if cfg.has_channels else None)
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, tokens: Tensor | None,
@@ -157,7 +184,8 @@ class ChannelDecoder(nn.Module):
         self.cfg = cfg
         head_dim = cfg.d_model // cfg.n_head
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.encoder = ChannelEncoder(cfg) if cfg.has_channels else None
+        self.encoder = (ChannelEncoder(cfg.n_channels, cfg.channel_dim, cfg.channel_tokens, cfg.d_model)
+                        if cfg.has_channels else None)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -212,18 +240,12 @@ class ChannelDecoder(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, tokens)
         logits = self.lm_head(rms_norm(x)).float()
-        if targets is None:
-            return logits, None
-        ce = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), reduction="none")
-        if loss_mask is None:
-            return logits, ce.mean()
-        m = loss_mask.reshape(B * T).to(ce.dtype)
-        return logits, (ce * m).sum() / m.sum().clamp_min(1.0)
+        return logits, None if targets is None else masked_cross_entropy(logits, targets, loss_mask)
 
     # ---- generation -----------------------------------------------------------------------
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, fixed: bool = False) -> KVCache:
         w = self.wte.weight
-        return KVCache(self.cfg, batch, max_len, w.device, w.dtype)
+        return KVCache(self.cfg, batch, max_len, w.device, w.dtype, fixed=fixed)
 
     def decode(self, idx: Tensor, cache: KVCache, channels: Tensor | None = None,
                valid: Tensor | None = None) -> Tensor:
@@ -234,21 +256,31 @@ class ChannelDecoder(nn.Module):
         """
         B, t = idx.shape
         valid = torch.ones_like(idx, dtype=torch.bool) if valid is None else valid
-        start, end = cache.length, cache.length + t
         pos = (cache.n_real[:, None] + valid.long().cumsum(1) - 1).clamp_min(0)
-        cache.valid[:, start:end] = valid
+        if cache.fixed:  # tensor positions over the whole buffer: the same graph at every step
+            qslots = (cache.cursor + torch.arange(t, device=idx.device))[:, None]
+            cache.valid.index_copy_(1, qslots[:, 0], valid)
+            slots = torch.arange(cache.valid.size(1), device=idx.device)
+            keys_valid = cache.valid[:, None, :]
+        else:
+            start, end = cache.length, cache.length + t
+            cache.valid[:, start:end] = valid
+            slots = torch.arange(end, device=idx.device)
+            qslots = slots[start:, None]
+            keys_valid = cache.valid[:, None, :end]
         cache.n_real += valid.long().sum(1)
         if cache.channel_tokens is None:
             cache.channel_tokens = self.encode_channels(channels, B)
-        slots = torch.arange(end, device=idx.device)
-        qslots = slots[start:, None]
         # causal over real keys; every query also sees itself so a pad query's softmax is finite
-        mask = ((slots <= qslots) & cache.valid[:, None, :end]) | (slots == qslots)
+        mask = ((slots <= qslots) & keys_valid) | (slots == qslots)
         cos, sin = self._rope(pos)
         x = self.wte(idx)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache.channel_tokens, cache, i, mask[:, None])
-        cache.length = end
+        if cache.fixed:
+            cache.cursor += t
+        else:
+            cache.length = end
         return self.lm_head(rms_norm(x)).float()
 
     # ---- introspection --------------------------------------------------------------------
@@ -263,4 +295,18 @@ class ChannelDecoder(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward), for MFU; the PaLM / nanochat estimate.
+
+        6 x the weights every token multiplies (the embedding lookup is free; the channel encoder and
+        the injections' key/value projections run once per row, not per token, so they are left
+        out), plus the attention scores and values: 12 * L * M * T for self-attention (not halved
+        for causality, as is customary) and 12 * L * M * C * K for the channel cross-attention.
+        """
+        cfg = self.cfg
+        per_row = ("wte.", "encoder.", ".inject.kv.", ".gate")
+        per_token = sum(p.numel() for n, p in self.named_parameters() if not any(k in n for k in per_row))
+        channel_tokens = cfg.n_channels * cfg.channel_tokens
+        return 6.0 * per_token + 12.0 * cfg.n_layer * cfg.d_model * (cfg.seq_len + channel_tokens)
 

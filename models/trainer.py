@@ -1,11 +1,23 @@
-"""Train one model on packed rows: AdamW, warmup + cosine, channel dropout, metrics, a safetensors file.
+"""One training loop for CPU, CUDA (one GPU or torchrun DDP) and TPU/XLA, with exact resume.
 
-The same loop serves the native model and its baselines, so any gap between them comes from the
-architecture, not from the training recipe.
+The same loop trains the native model, its baselines and the adapters, so any gap between them
+comes from the architecture, not from the recipe: AdamW with decay groups, warmup then cosine or
+linear decay, gradient clipping, gradient accumulation, channel dropout with its own warmup,
+bf16 autocast on accelerators (`models.distributed` hides the device differences).
+
+Loss normalisation: a micro-batch contributes (sum of its target-token CE) / (target tokens in
+the whole global batch), times the number of ranks (DDP and XLA average gradients over ranks).
+The gradient is then exactly that of the global batch's mean loss whatever the split over devices
+and accumulation steps: 2 processes train like 1 with the same global batch, up to float rounding.
+
+Randomness is a pure function of (seed, step): the batch (models.data.batch_rows), the channel
+dropout mask and the dropout seed are derived per step, so resuming at step s needs only s, and
+a checkpoint (weights, optimizer, step, loss accumulators, metrics) continues bit-exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -14,21 +26,27 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.checkpoint import load_model, save_model
-from models.data import PackedRows, eval_batches, iterate_batches
+from models.checkpoint import checkpoint_files, latest_checkpoint, load_model, save_model, write_checkpoint
+from models.data import PackedRows, batch_rows, eval_batches, loss_token_counts, make_batch, shard_rows
+from models.distributed import Runtime, setup
 from models.registry import build_info
+from tinymars.artifacts import hash_json
 
 __all__ = ["TrainConfig", "train", "heldout_loss", "load_model", "lr_at", "param_groups"]
+
+# Settings that change nothing a resumed run computes: left out of the checkpoint fingerprint.
+RESUME_NEUTRAL = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "device")
 
 
 @dataclass(kw_only=True)
 class TrainConfig:
     steps: int
-    batch_size: int
+    batch_size: int  # rows per optimizer step, over all devices and accumulation steps
     lr: float
     min_lr_frac: float = 0.1
     warmup_steps: int
@@ -40,16 +58,22 @@ class TrainConfig:
     channel_dropout: float = 0.0
     channel_dropout_warmup: int = 0
     gate_lr_mult: float = 1.0
-    device: str = "cpu"
-    compile: bool = False  # torch.compile(fullgraph, static shapes) for the train forward
+    device: str = "cpu"  # cpu | cuda | xla | auto
+    compile: bool = False  # torch.compile(fullgraph, static shapes) of the train forward (not on XLA)
+    grad_accum: int = 1
+    schedule: str = "cosine"  # decay after warmup: cosine | linear
+    precision: str = "auto"  # auto (bf16 autocast on accelerators, fp32 on CPU) | fp32 | bf16
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = none
+    keep_checkpoints: int = 2
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over warmup_steps, then cosine from lr down to lr * min_lr_frac. step is 0-based."""
+    """Linear warmup over warmup_steps, then cosine (or linear) from lr down to lr * min_lr_frac. 0-based."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_frac + (1.0 - cfg.min_lr_frac) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
+    return cfg.lr * (cfg.min_lr_frac + (1.0 - cfg.min_lr_frac) * shape)
 
 
 def channel_dropout_at(step: int, cfg: TrainConfig) -> float:
@@ -59,12 +83,19 @@ def channel_dropout_at(step: int, cfg: TrainConfig) -> float:
     return cfg.channel_dropout * min(1.0, step / cfg.channel_dropout_warmup)
 
 
-def drop_channels(channels: Tensor, p: float, gen: torch.Generator) -> Tensor:
-    """Zero whole channels per row with probability p: teaches the model to work when one is absent."""
-    if p <= 0.0 or channels.size(1) == 0:
-        return channels
-    keep = torch.rand(channels.shape[:2], generator=gen) >= p
-    return channels * keep[..., None].to(channels.dtype)
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def channel_keep(rows: int, channels: int, p: float, seed: int, step: int) -> Tensor | None:
+    """[rows, C] keep mask of the global batch: drop whole channels per row with probability p.
+
+    Drawn for the whole global batch on every rank, so a row's mask does not depend on the rank count.
+    """
+    if p <= 0.0 or channels == 0:
+        return None
+    gen = torch.Generator().manual_seed(step_seed(seed, step, 1 << 20))
+    return (torch.rand(rows, channels, generator=gen) >= p).float()
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -90,23 +121,38 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
     return [g for g in groups if g["params"]]
 
 
+def token_ce_sum(logits: Tensor, targets: Tensor, loss_mask: Tensor) -> Tensor:
+    """Sum of next-token CE over loss_mask == 1 positions (float32)."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    return (ce * loss_mask.flatten().to(ce.dtype)).sum()
+
+
 @torch.no_grad()
 def heldout_loss(model: nn.Module, rows: PackedRows, batch_size: int, seq_len: int, pad_id: int,
-                 zero_channels: bool = False) -> dict[str, float]:
-    """Target-token loss over a split; bits_per_byte = total nats / ln 2 / total target bytes."""
+                 zero_channels: bool = False, *, runtime: Runtime | None = None) -> dict[str, float]:
+    """Target-token loss over a split; bits_per_byte = total nats / ln 2 / total target bytes.
+
+    With a multi-rank runtime each rank scores every world-th row and the totals are summed; on
+    XLA the last batch is padded to full size (one graph) and totals stay on the device until the end.
+    """
+    rt = runtime
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total, tokens, nbytes = 0.0, 0.0, 0
-    for b in eval_batches(rows, batch_size, seq_len, pad_id):
+    if rt is not None and rt.world > 1:
+        rows = rows.subset(range(rt.rank, len(rows), rt.world))
+    xla = device.type == "xla"
+    acc = torch.zeros(3, dtype=torch.float32 if xla else torch.float64, device=device)  # nats, tokens, bytes
+    for b in eval_batches(rows, batch_size, seq_len, pad_id, fixed_shape=xla):
         channels = torch.zeros_like(b["channels"]) if zero_channels else b["channels"]
-        logits, _ = model(b["idx"].to(device), channels.to(device))
-        targets = b["targets"].to(device).flatten()
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="none")
-        mask = b["loss_mask"].to(device).flatten().double()
-        total += float((ce.double() * mask).sum())
-        tokens += float(mask.sum())
-        nbytes += int(b["target_bytes"].sum())
+        with rt.autocast() if rt is not None else contextlib.nullcontext():
+            logits, _ = model(b["idx"].to(device), channels.to(device))
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), b["targets"].to(device).flatten(), reduction="none")
+        mask = b["loss_mask"].to(device).flatten().to(acc.dtype)
+        acc += torch.stack([(ce.to(acc.dtype) * mask).sum(), mask.sum(), b["target_bytes"].to(device).sum()])
+    if rt is not None:
+        acc = rt.sum(acc)
+    total, tokens, nbytes = acc.double().cpu().tolist()
     model.train(was_training)
     return {"nats_per_token": total / max(tokens, 1.0), "total_nats": total, "tokens": int(tokens),
             "bits_per_byte": total / math.log(2) / nbytes if nbytes > 0 else float("nan")}
@@ -123,74 +169,169 @@ def _gates(model: nn.Module) -> tuple[float, list[list[float]]]:
     return float(model.alpha_l2()), model.gate_values().float().cpu().tolist()
 
 
+def fingerprint(model: nn.Module, cfg: TrainConfig, rows: PackedRows) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the model build, the recipe and the training rows."""
+    recipe = {k: v for k, v in asdict(cfg).items() if k not in RESUME_NEUTRAL}
+    return {"model": build_info(model), "train": recipe, "data": {"rows": len(rows), "row_ids": hash_json(rows.row_id)}}
+
+
 def train(model: nn.Module, train_rows: PackedRows, heldout_rows: PackedRows | None, cfg: TrainConfig,
-          out_dir: Path, pad_id: int, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train in place, write metrics.jsonl, model.safetensors and model.json; return the summary."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)  # attention/residual dropout
-    gen = torch.Generator().manual_seed(cfg.seed + 1)  # channel dropout, independent of model RNG use
-    device = torch.device(cfg.device)
-    model.to(device).train()
-    seq_len = build_info(model)["seq_len"]
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-    step_model = torch.compile(model, fullgraph=True, dynamic=False) if cfg.compile else model
-    batches = iterate_batches(train_rows, cfg.batch_size, seq_len, pad_id, cfg.seed)
+          out_dir: Path, pad_id: int, log: Callable[[str], None] = print, *, runtime: Runtime | None = None,
+          ckpt_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train in place; write metrics.jsonl, model.safetensors and model.json to out_dir; return the summary.
 
-    def evaluate() -> dict[str, float] | None:
-        if heldout_rows is None or len(heldout_rows) == 0:
-            return None
-        return heldout_loss(model, heldout_rows, cfg.batch_size, seq_len, pad_id)
+    `runtime` is the process's device/rank (default: a single process on `cfg.device`). With
+    `ckpt_dir`, checkpoints are written every `cfg.checkpoint_every` steps; with `resume`, training
+    continues from the newest checkpoint there that verifies and matches this run.
+    """
+    rt = runtime or setup(cfg.device, cfg.precision)
+    try:
+        return _Loop(model, train_rows, heldout_rows, cfg, Path(out_dir), pad_id, log, rt, ckpt_dir).run(resume)
+    finally:
+        if runtime is None:
+            rt.close()
 
-    metrics_path = out_dir / "metrics.jsonl"
-    metrics_path.write_text("")
-    loss_sum, n_loss, n_tok, t_last, t_start = torch.zeros((), device=device), 0, 0, time.perf_counter(), None
-    final_loss, held = float("nan"), None
-    for step in range(1, cfg.steps + 1):
-        lr = lr_at(step - 1, cfg)
-        for g in opt.param_groups:
+
+class _Loop:
+    def __init__(self, model: nn.Module, rows: PackedRows, heldout: PackedRows | None, cfg: TrainConfig,
+                 out_dir: Path, pad_id: int, log: Callable[[str], None], rt: Runtime, ckpt_dir: Path | None):
+        if cfg.batch_size % (cfg.grad_accum * rt.world):
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by grad_accum x devices "
+                             f"= {cfg.grad_accum} x {rt.world}")
+        if cfg.schedule not in ("cosine", "linear"):
+            raise ValueError(f"schedule {cfg.schedule!r}: expected cosine or linear")
+        self.model, self.rows, self.heldout, self.cfg, self.rt = model, rows, heldout, cfg, rt
+        self.out_dir, self.pad_id, self.ckpt_dir = out_dir, pad_id, ckpt_dir
+        self.log = log if rt.is_main else (lambda _: None)
+        self.seq_len = build_info(model)["seq_len"]
+        self.micro = cfg.batch_size // (cfg.grad_accum * rt.world)
+        self.counts = loss_token_counts(rows, self.seq_len)
+        self.metrics = out_dir / "metrics.jsonl"
+        model.to(rt.device).train()
+        fused = rt.kind == "cuda"
+        self.opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+        self.wrapped = rt.wrap(model)
+        self.forward = self.wrapped
+        if cfg.compile and rt.kind != "xla":
+            self.forward = torch.compile(self.wrapped, fullgraph=rt.world == 1, dynamic=False)
+        flops = model.flops_per_token() if hasattr(model, "flops_per_token") else None
+        peak = rt.peak_flops()
+        self.flops_ratio = flops / peak if flops and peak else None  # MFU = tokens/s * this
+
+    # ---- one optimizer step -----------------------------------------------------------------------
+    def step(self, i: int, loss_acc: Tensor) -> float:
+        """Run 0-based step i (accumulating its mean loss into loss_acc); returns its learning rate."""
+        cfg, rt, dev = self.cfg, self.rt, self.rt.device
+        rt.seed(step_seed(cfg.seed, i, rt.rank))
+        lr = lr_at(i, cfg)
+        for g in self.opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
-        batch = next(batches)
-        channels = drop_channels(batch["channels"], channel_dropout_at(step - 1, cfg), gen)
-        _, loss = step_model(batch["idx"].to(device), channels.to(device), batch["targets"].to(device),
-                             batch["loss_mask"].to(device))
-        loss.backward()
+        picks = batch_rows(len(self.rows), cfg.batch_size, cfg.seed, i)
+        keep = channel_keep(len(picks), self.rows.channels.shape[1], channel_dropout_at(i, cfg), cfg.seed, i)
+        denom = float(max(1, self.counts[picks].sum()))
+        positions = np.arange(len(picks))
+        for a in range(cfg.grad_accum):
+            mine = shard_rows(positions, cfg.grad_accum, rt.world, rt.rank, a)
+            b = make_batch(self.rows, picks[mine], self.seq_len, self.pad_id)
+            channels = b["channels"] if keep is None else b["channels"] * keep[mine][..., None]
+            pin = rt.kind == "cuda"
+            idx, tgt, mask, channels = (t.pin_memory().to(dev, non_blocking=True) if pin else t.to(dev)
+                                        for t in (b["idx"], b["targets"], b["loss_mask"], channels))
+            with rt.no_sync(self.wrapped, a < cfg.grad_accum - 1):
+                with rt.autocast():
+                    logits, _ = self.forward(idx, channels)
+                    ce_sum = token_ce_sum(logits, tgt, mask)
+                (ce_sum * (rt.world / denom)).backward()
+            loss_acc += ce_sum.detach() / denom
+        rt.reduce_gradients(self.opt)
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
-        n_loss += 1
-        n_tok += batch["idx"].numel()
-        t_start = t_start or time.perf_counter()  # first step (compile, warm-up) is not timed
-        evaluated = step % cfg.eval_every == 0 or step == cfg.steps
-        if step % cfg.log_every and not evaluated:
-            continue
-        now = time.perf_counter()
-        final_loss = float(loss_sum) / n_loss  # mean train loss since the last line
-        tok_s = n_tok / max(now - t_last, 1e-9)
-        alpha, gates = _gates(model)
-        record = {"step": step, "loss": final_loss, "lr": lr, "tok_per_s": tok_s, "alpha_l2": alpha,
-                  "gates": gates}
-        line = (f"step {step}/{cfg.steps} loss {final_loss:.3f} lr {lr:.1e} tok/s {tok_s:,.0f} "
-                f"alpha_l2 {alpha:.4f}")
-        if evaluated and (held := evaluate()) is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        rt.step_done()
+        return lr
+
+    def evaluate(self) -> dict[str, float] | None:
+        if self.heldout is None or len(self.heldout) == 0:
+            return None
+        return heldout_loss(self.model, self.heldout, self.micro, self.seq_len, self.pad_id, runtime=self.rt)
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def save_checkpoint(self, step: int, loss_acc: Tensor, n_acc: int) -> None:
+        total = self.rt.sum(loss_acc)  # every rank's share of the pending log window
+        if self.rt.is_main:
+            state = {"step": step, "loss_acc": total, "n_acc": n_acc, "world": self.rt.world,
+                     "rng": {"scheme": "derived per step from (seed, step, rank)", "seed": self.cfg.seed}}
+            files = checkpoint_files(self.model, self.opt, state, self.metrics.read_text())
+            path = write_checkpoint(self.ckpt_dir, step, files, self.fp, self.cfg.keep_checkpoints)
+            self.log(f"checkpoint step {step} -> {path}")
+        self.rt.barrier("checkpoint")
+
+    def restore(self, loss_acc: Tensor) -> tuple[int, int]:
+        ckpt = latest_checkpoint(self.ckpt_dir, self.fp, warn=self.log)
+        if ckpt is None:
+            return 0, 0
+        ckpt.load_model_state(self.model)
+        self.opt.load_state_dict(ckpt.optimizer_state())
+        state = ckpt.trainer_state()
+        if self.rt.is_main:  # the saved accumulator is the sum over ranks: one rank carries it
+            loss_acc.copy_(state["loss_acc"].to(loss_acc.device))
+            self.metrics.write_text(ckpt.metrics_text())
+        self.log(f"resumed from {ckpt.path} at step {ckpt.step}")
+        return ckpt.step, int(state["n_acc"])
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def run(self, resume: bool) -> dict[str, Any]:
+        cfg, rt = self.cfg, self.rt
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.fp = fingerprint(self.model, cfg, self.rows)
+        if rt.is_main:
+            self.metrics.write_text("")
+        loss_acc = torch.zeros((), device=rt.device)
+        start, n_acc = self.restore(loss_acc) if resume and self.ckpt_dir is not None else (0, 0)
+        n_tok, t_last, t_start = 0, time.perf_counter(), None
+        final_loss, held = float("nan"), None
+        for step in range(start + 1, cfg.steps + 1):
+            lr = self.step(step - 1, loss_acc)
+            n_acc += 1
+            n_tok += cfg.batch_size * self.seq_len
+            t_start = t_start or time.perf_counter()  # first step (compile, warm-up) is not timed
+            evaluated = step % cfg.eval_every == 0 or step == cfg.steps
+            if step % cfg.log_every == 0 or evaluated:
+                final_loss = float(rt.sum(loss_acc)) / n_acc  # mean train loss since the last line
+                held = self.evaluate() if evaluated else None
+                self.write_metrics(step, lr, final_loss, n_tok / max(time.perf_counter() - t_last, 1e-9), held)
+                loss_acc.zero_()
+                n_acc, n_tok, t_last = 0, 0, time.perf_counter()  # eval time is not counted in tok/s
+            if self.ckpt_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
+                    and step < cfg.steps:
+                self.save_checkpoint(step, loss_acc, n_acc)
+        alpha, gates = _gates(self.model)
+        summary = {"final_loss": _finite(final_loss),
+                   "final_heldout_loss": held["nats_per_token"] if held else None,
+                   "final_heldout_bpb": _finite(held["bits_per_byte"]) if held else None,
+                   "alpha_l2": alpha, "gates": gates, "train_config": asdict(cfg)}
+        meta = save_model(self.model, self.out_dir, summary) if rt.is_main else summary
+        rt.barrier("saved")
+        elapsed = time.perf_counter() - (t_start or time.perf_counter())
+        steps_timed = max(cfg.steps - start - 1, 1)
+        # wall-clock figures are returned (and in metrics.jsonl) but never written into model files
+        return {**meta, "timing": {"seconds_after_first_step": elapsed, "sec_per_step": elapsed / steps_timed,
+                                   "devices": rt.world, "device": rt.device_name, "resumed_at": start}}
+
+    def write_metrics(self, step: int, lr: float, loss: float, tok_s: float, held: dict[str, float] | None) -> None:
+        alpha, gates = _gates(self.model)
+        record: dict[str, Any] = {"step": step, "loss": loss, "lr": lr, "tok_per_s": tok_s, "alpha_l2": alpha,
+                                  "gates": gates}
+        line = f"step {step}/{self.cfg.steps} loss {loss:.3f} lr {lr:.1e} tok/s {tok_s:,.0f} alpha_l2 {alpha:.4f}"
+        if self.flops_ratio is not None:
+            record["mfu"] = tok_s * self.flops_ratio
+            line += f" mfu {record['mfu']:.1%}"
+        if held is not None:
             record["heldout_loss"] = held["nats_per_token"]
             record["heldout_bpb"] = _finite(held["bits_per_byte"])
             line += f" heldout {held['nats_per_token']:.3f}"
-        log(line)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        loss_sum.zero_()
-        n_loss, n_tok, t_last = 0, 0, time.perf_counter()  # eval time is not counted in tok/s
-
-    alpha, gates = _gates(model)
-    summary = {"final_loss": _finite(final_loss),
-               "final_heldout_loss": held["nats_per_token"] if held else None,
-               "final_heldout_bpb": _finite(held["bits_per_byte"]) if held else None,
-               "alpha_l2": alpha, "gates": gates, "train_config": asdict(cfg)}
-    meta = save_model(model, out_dir, summary)
-    elapsed = time.perf_counter() - (t_start or time.perf_counter())
-    steps_timed = max(cfg.steps - 1, 1)
-    # wall-clock figures are returned (and in metrics.jsonl) but never written into model files
-    return {**meta, "timing": {"seconds_after_first_step": elapsed, "sec_per_step": elapsed / steps_timed}}
+        if self.rt.is_main:
+            with self.metrics.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.log(line)

@@ -1,24 +1,61 @@
-"""Train stage: one model (native or baseline) on the packed shards; one cached artifact per model."""
+"""Train stage: one model (native, baseline or adapter) on the packed shards; one cached artifact per model.
+
+Training runs in a child process (`python -m models.train_cli`, under torchrun when the profile asks
+for more than one device) whose progress lines are streamed into this task's log. Checkpoints go
+to `HOME/checkpoints/<stage key>/`, held under an exclusive lock while a trainer runs. A killed or
+failed attempt leaves them there, and the next attempt at the same key (a Prefect retry or a rerun)
+resumes from the newest one that verifies; they are deleted once the model is built.
+
+Why not inside the artifact's build folder: the store deletes a build folder when its builder
+raises (so a failed attempt's checkpoints would be gone before the retry), and build folders have
+random names. The stage key names exactly the same inputs (code, profile section, pack hash),
+so a checkpoint under it can only continue the same computation, and the lock keeps two runs off it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import artifact_of, logger, resolve_device, run_stage
+from tasks.common import ROOT, artifact_of, logger, run_stage, stage_code_version
+from tinymars.artifacts import stage_key, write_atomic
 from tinymars.profile import ModelSpec, Profile
 
 
-def model_spec(profile: Profile, spec: ModelSpec) -> dict[str, Any]:
-    """The registry spec of one model: its profile entry plus the channel token count it injects."""
-    out = spec.model_dump(mode="json", exclude={"name"})
-    if spec.arch == "native":
-        out["channel_tokens"] = next(iter(profile.channels.enabled.values())).tokens
-    return out
+def train_config(profile: Profile) -> dict[str, Any]:
+    """models.trainer.TrainConfig fields from the profile's train section."""
+    t = profile.train
+    return {"steps": t.steps, "batch_size": t.batch_size, "lr": t.lr, "min_lr_frac": t.min_lr_frac,
+            "warmup_steps": t.warmup_steps, "weight_decay": t.weight_decay, "grad_clip": t.grad_clip,
+            "log_every": t.log_every, "eval_every": t.eval_every, "seed": t.seed,
+            "channel_dropout": t.channel_dropout, "gate_lr_mult": t.gate_lr_mult,
+            "channel_dropout_warmup": t.warmup_steps if t.channel_dropout_warmup is None else t.channel_dropout_warmup,
+            "device": t.device, "compile": t.compile, "grad_accum": t.grad_accum, "schedule": t.schedule,
+            "precision": t.precision, "checkpoint_every": t.checkpoint_every, "keep_checkpoints": t.keep_checkpoints}
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path, log: Any) -> Iterator[None]:
+    """Hold an exclusive flock (released by the OS if this process dies); wait if another run holds it."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info(f"another run is training into {lock_path.parent}; waiting for it")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @task(name="train", cache_policy=NO_CACHE, retries=1)
@@ -26,46 +63,50 @@ def train_task(
     profile: Profile, home: str, pack: dict[str, Any], spec: ModelSpec, force: bool = False
 ) -> dict[str, Any]:
     pack_art = artifact_of(pack)
-    registry_spec = model_spec(profile, spec)
+    meta = json.loads(pack_art.file("pack.json").read_text())
+    from models.sizing import profile_specs
+
+    registry_spec = profile_specs(profile, meta)[spec.name]  # bracketing baselines sized against the native
     section = {"train": profile.train.shared(), "model": registry_spec}
+    # the same key run_stage computes: checkpoints under it can only belong to this very build
+    key = stage_key("train", stage_code_version("train"), section, {"pack": pack_art.content_hash})
+    work = Path(home) / "checkpoints" / key
 
     def build(out: Path) -> dict[str, Any]:
-        from models.data import load_split
-        from models.registry import build as build_model
-        from models.registry import count_params
-        from models.trainer import TrainConfig, train
+        from models.distributed import default_nproc, resolve_kind
+        from models.launch import launch_command, run_streaming
 
-        meta = json.loads(pack_art.file("pack.json").read_text())
-        shard = lambda split: [Path(pack_art.path) / n for n in meta["shards"][split]]  # noqa: E731
         t = profile.train
-        model = build_model(
-            registry_spec,
-            vocab_size=meta["vocab_size"],
-            seq_len=meta["seq_len"],
-            channel_names=tuple(meta["channel_names"]),
-            channel_dim=meta["channel_dim"],
-            seed=t.seed,
-        )
-        n_params = count_params(model)
         log = logger()
-        log.info(f"[train:{spec.name}] {spec.arch} {n_params:,} parameters, {t.steps} steps of {t.batch_size}")
-        cfg = TrainConfig(
-            steps=t.steps, batch_size=t.batch_size, lr=t.lr, min_lr_frac=t.min_lr_frac,
-            warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, grad_clip=t.grad_clip,
-            log_every=t.log_every, eval_every=t.eval_every, seed=t.seed, channel_dropout=t.channel_dropout,
-            channel_dropout_warmup=t.warmup_steps, gate_lr_mult=t.gate_lr_mult,
-            device=resolve_device(t.device),
-        )
-        summary = train(
-            model, load_split(shard("train")), load_split(shard("heldout")), cfg, out,
-            pad_id=meta["pad_id"], log=lambda line: log.info(f"[train:{spec.name}] {line}"),
-        )
+        kind = resolve_kind(t.device)
+        nproc = default_nproc(t.device) if t.devices == "auto" else t.devices
+        shard = lambda split: [str(Path(pack_art.path) / n) for n in meta["shards"][split]]  # noqa: E731
+        job = {"spec": registry_spec,
+               "build": {k: meta[k] for k in ("vocab_size", "seq_len", "channel_names", "channel_dim")} | {
+                   "seed": t.seed},
+               "data": {"train": shard("train"), "heldout": shard("heldout"), "channel_dim": meta["channel_dim"],
+                        "pad_id": meta["pad_id"]},
+               "train": train_config(profile) | {"device": kind}, "nproc": nproc, "out_dir": str(out),
+               "ckpt_dir": str(work / "ckpt"), "resume": t.resume, "result": str(work / "result.json")}
+        with exclusive(work / "lock", log):
+            (work / "result.json").unlink(missing_ok=True)
+            if force:  # a forced rebuild recomputes from scratch, whatever an earlier attempt left
+                shutil.rmtree(work / "ckpt", ignore_errors=True)
+            write_atomic(work / "job.json", json.dumps(job, indent=1, sort_keys=True))
+            cmd = launch_command(work / "job.json", nproc, kind)
+            log.info(f"[train:{spec.name}] {spec.arch} on {nproc} x {kind}: {' '.join(cmd[1:])}")
+            code, tail = run_streaming(cmd, lambda line: log.info(f"[train:{spec.name}] {line}"), cwd=ROOT)
+            if code != 0:
+                raise RuntimeError(f"training '{spec.name}' exited with code {code}; checkpoints (if any) are kept "
+                                   f"in {work} for the retry. Last output:\n" + "\n".join(tail[-15:]))
+            summary = json.loads((work / "result.json").read_text())
+            shutil.rmtree(work / "ckpt", ignore_errors=True)  # only ever needed to resume this build
         metrics = {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        metrics["num_params"] = n_params
         sec_per_step = summary.get("timing", {}).get("sec_per_step")
         if sec_per_step:  # wall-clock: lives in lineage and the manifest, never in the hashed files
             metrics["sec_per_step"] = sec_per_step
             metrics["tok_per_s"] = t.batch_size * meta["seq_len"] / sec_per_step
-        return {"meta": {"metrics": metrics, "model": spec.name, "arch": spec.arch}}
+        return {"meta": {"metrics": metrics, "model": spec.name, "arch": spec.arch,
+                         "devices": nproc, "device": summary.get("timing", {}).get("device")}}
 
     return run_stage("train", home, section, {"pack": pack_art}, build, force, name=f"train:{spec.name}")

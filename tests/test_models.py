@@ -433,3 +433,51 @@ def test_compiled_train_step_has_one_static_graph() -> None:
                            "capture and recompiles); set TINYMARS_TEST_INDUCTOR=1 to run it")
 def test_compiled_train_step_inductor() -> None:
     compiled_steps("inductor")
+
+
+# ---- profile model specs and `tinymars models` ---------------------------------------------------
+def test_model_specs_validate_per_arch() -> None:
+    from tinymars.profile import ModelSpec
+
+    assert ModelSpec(name="b", arch="baseline", bracket="above").n_layer is None
+    for bad, msg in [({"arch": "baseline", "bracket": "below", "n_layer": 3}, "remove n_layer or bracket"),
+                     ({"arch": "native", "bracket": "below"}, "bracket is for arch 'baseline'"),
+                     ({"arch": "baseline", "n_head": 2}, "needs n_layer, d_model"),
+                     ({"arch": "adapter"}, "needs base"),
+                     ({"arch": "adapter", "base": "/m", "n_layer": 2}, "takes its shape from the base; remove n_layer"),
+                     ({"arch": "native", "n_layer": 2, "n_head": 2, "d_model": 32, "base": "/m"}, "'adapter'")]:
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            ModelSpec(name="m", **bad)
+
+
+def test_tinymars_models_prints_the_bracketing_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    from models.sizing import count_spec_params
+    from tinymars.cli import main
+
+    models = ("[{name: native, arch: native, n_layer: 3, n_head: 2, d_model: 32}, "
+              "{name: lo, arch: baseline, bracket: below}, {name: hi, arch: baseline, bracket: above}]")
+    assert main(["models", "--profile", "tiny", "--set", f"train.models={models}", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["models"]}
+    assert rows["lo"]["params"] < rows["native"]["params"] < rows["hi"]["params"]
+    assert rows["hi"]["n_layer"] == rows["lo"]["n_layer"] + 1 and rows["lo"]["d_model"] == 32
+    kw = {"vocab_size": 1000, "seq_len": 192, "channel_names": ["memory", "identity", "continuity", "affect",
+                                                                "time", "ethics"], "channel_dim": 384}
+    built = build({"arch": "native", "n_layer": 3, "n_head": 2, "d_model": 32, "channel_tokens": 2}, **kw)
+    assert rows["native"]["params"] == count_params(built) == count_spec_params(built.build_info["spec"], **kw)
+    assert main(["models", "--profile", "tiny"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"native\s+native\s+2\s+2\s+32\s+0\.\d+M \([\d,]+\)\s+\+0\.0%", text)
+    assert "reference (tinyMARS iteration 7): baseline-6L 100.8M / native 110.2M / baseline-7L 120.3M" in text
+
+
+@pytest.mark.parametrize("arch", ["native", "baseline"])
+def test_bf16_autocast_trains(arch: str) -> None:
+    """What CUDA/XLA run: rope and rms_norm in fp32, matmuls in bf16, one dtype into SDPA."""
+    model = livelier(tiny(arch)).train()
+    idx, channels = torch.randint(0, V, (2, T)), torch.randn(2, C, D)
+    want = model(idx, channels, idx, None)[1].detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(idx, channels, idx, None)
+    loss.backward()
+    assert loss.dtype == torch.float32 and loss.detach().item() == pytest.approx(want.item(), rel=0.05)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

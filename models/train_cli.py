@@ -1,0 +1,104 @@
+"""`python -m models.train_cli JOB.json`: train one model from a job file (what the train task launches).
+
+Runs as one process, under torchrun (one process per GPU or CPU rank), or on XLA where it starts
+one process per device itself. Rank 0 prints progress lines to stdout (the task streams them into
+the Prefect logs) and writes the summary to `job["result"]`. The job file (JSON):
+
+    {"spec": {registry spec}, "build": {"vocab_size", "seq_len", "channel_names", "channel_dim", "seed"},
+     "data": {"train": [shards], "heldout": [shards], "channel_dim": D, "pad_id": 0},
+     "train": {TrainConfig fields}, "nproc": 1, "out_dir": "...", "ckpt_dir": "..." | null,
+     "resume": true, "result": ".../result.json"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from models.distributed import die_with_parent, setup
+from models.launch import LAUNCHER_PID_ENV
+
+
+def watch_launcher(interval_s: float = 1.0) -> None:
+    """Exit when the launching process is gone, even under torchrun (whose workers it did not fork)."""
+    die_with_parent()
+    pid = int(os.environ.get(LAUNCHER_PID_ENV, "0"))
+    if pid <= 0:
+        return
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(137)
+            except PermissionError:
+                pass
+            time.sleep(interval_s)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any] | None:
+    """Train the job's model on this process's device and rank; rank 0 returns (and writes) the summary."""
+    import torch
+
+    from models.data import load_split
+    from models.registry import build, count_params
+    from models.trainer import TrainConfig, train
+    from tinymars.artifacts import write_atomic
+
+    cfg = TrainConfig(**job["train"])
+    rt = setup(cfg.device, cfg.precision)
+    try:
+        log = (lambda line: print(line, flush=True)) if rt.is_main else (lambda _: None)
+        b, data = job["build"], job["data"]
+        model = build(job["spec"], vocab_size=b["vocab_size"], seq_len=b["seq_len"],
+                      channel_names=b["channel_names"], channel_dim=b["channel_dim"], seed=b.get("seed"))
+        train_rows = load_split(data["train"], channel_dim=data["channel_dim"])
+        held = load_split(data["heldout"], channel_dim=data["channel_dim"]) if data.get("heldout") else None
+        extra = f", frozen base {model.base_params():,}" if hasattr(model, "base_params") else ""
+        log(f"{job['spec']['arch']} {count_params(model):,} trainable parameters{extra}; {cfg.steps} steps of "
+            f"{cfg.batch_size} rows on {rt.world} x {rt.device_name} ({'bf16' if rt.bf16 else 'fp32'}, "
+            f"{torch.get_num_threads()} CPU threads per process)")
+        summary = train(model, train_rows, held, cfg, Path(job["out_dir"]), data["pad_id"], log, runtime=rt,
+                        ckpt_dir=Path(job["ckpt_dir"]) if job.get("ckpt_dir") else None,
+                        resume=bool(job.get("resume")))
+        if not rt.is_main:
+            return None
+        summary["num_params"] = count_params(model)
+        if hasattr(model, "base_params"):
+            summary["base_params"] = model.base_params()
+        if job.get("result"):
+            write_atomic(Path(job["result"]), json.dumps(summary, indent=1, sort_keys=True))
+        return summary
+    finally:
+        rt.close()
+
+
+def _xla_worker(index: int, job: dict[str, Any]) -> None:
+    run_job(job)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.train_cli", description=__doc__.splitlines()[0])
+    parser.add_argument("job", help="the job file (JSON)")
+    args = parser.parse_args(argv)
+    job = json.loads(Path(args.job).read_text())
+    watch_launcher()
+    if job["train"].get("device") == "xla" and int(job.get("nproc", 1)) > 1:
+        import torch_xla
+
+        torch_xla.launch(_xla_worker, args=(job,))  # one process per local XLA device
+    else:
+        run_job(job)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
