@@ -1,8 +1,9 @@
 """Score saved eval generations into per-capability verdicts (pure, re-runnable offline on generations.jsonl).
 
-A record: ``{row_id, prompt_id, capability, kind, arm, pole, text_pole, salient_item, items, response,
-prompt_tokens, response_tokens}``. Arms are paired on the same rows: ``mars`` (real channel) against
-``ablated`` (channel zeroed); any further arm is scored alongside.
+A record: ``{row_id, prompt_id, capability, kind, arm, turn, channel, pole, text_pole, salient_item, items,
+channel_state, prompt, response, prompt_tokens, response_tokens}`` (`turn` absent means 0). Arms are
+paired on the same rows: ``mars`` (real channel) against ``ablated`` (channel zeroed); any further
+arm (``text``: the state written into the prompt) is scored alongside.
 
 - selection: `dominant` per row; paired exact McNemar on rows present in both arms.
 - register: per arm and prompt, the + and - responses; directional wins / losses / ties, reliability
@@ -12,6 +13,10 @@ prompt_tokens, response_tokens}``. Arms are paired on the same rows: ``mars`` (r
 
 Each capability's block carries flat headline numbers first (for lineage metrics), then the tables.
 Everything is plain JSON types with a fixed key order.
+
+`score_all` is the one entry point of the eval stage and of `tinymars score`: generations + the
+settings the profile pre-registered + the few measurements that needed a model (held-out losses,
+gates) -> every figure and verdict of the report, deterministically (bootstrap seeded).
 """
 
 from __future__ import annotations
@@ -19,12 +24,18 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from scorers.arms import mean_tokens, score_arms
+from scorers.hypotheses import evaluate_hypotheses
 from scorers.markdown import format_markdown
+from scorers.outcomes import turn_of
+from scorers.persistence import score_persistence
 from scorers.register import follows_pole, register_gap, vader_compound
+from scorers.relief import score_relief
 from scorers.selection import dominant
+from scorers.similarity import score_similarity
 from scorers.stats import binom_test, clopper_pearson, mcnemar_exact, sign_test
 
-__all__ = ["CAPABILITY_ORDER", "format_markdown", "score_generations"]
+__all__ = ["CAPABILITY_ORDER", "DEFAULT_SETTINGS", "format_markdown", "score_all", "score_generations"]
 
 CAPABILITY_ORDER = ("memory", "identity", "continuity", "affect", "time", "ethics")
 BASE_ARMS = ("mars", "ablated")
@@ -53,18 +64,6 @@ def _index(records: list[dict[str, Any]], key: tuple[str, ...]) -> dict[tuple, d
         if k in out:
             raise ValueError(f"duplicate generation record for {dict(zip(key, k, strict=True))}")
         out[k] = rec
-    return out
-
-
-def _tokens(records: list[dict[str, Any]], arms: list[str]) -> dict[str, dict[str, float | None]]:
-    """Mean prompt / response tokens per arm: the token cost of writing a state as text shows up here."""
-    out = {}
-    for arm in arms:
-        recs = [r for r in records if r["arm"] == arm]
-        out[arm] = {
-            f"mean_{field}": _mean([r[field] for r in recs if r.get(field) is not None])
-            for field in ("prompt_tokens", "response_tokens")
-        }
     return out
 
 
@@ -113,6 +112,7 @@ def _register_arm(pairs: list[tuple[str, str]], capability: str) -> dict[str, An
         "losses": losses,
         "ties": len(pairs) - wins - losses,
         "reliability": None if not pairs else 100.0 * wins / len(pairs),
+        "ci95": _ci(wins, len(pairs)),
         "mean_gap": _mean(gaps),
         "p": sign_test(wins, losses),
     }
@@ -179,9 +179,13 @@ def score_conflict(records: list[dict[str, Any]], capability: str, alpha: float)
 
 
 def score_generations(records: list[dict[str, Any]], alpha: float = 0.01) -> dict[str, Any]:
-    """Per-capability verdicts, capabilities in the canonical order (unknown ones after, sorted)."""
+    """Per-capability verdicts, capabilities in the canonical order (unknown ones after, sorted).
+
+    Only turn-0 records count here; follow-up turns are scored by `scorers.persistence`.
+    """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    records = [r for r in records if turn_of(r) == 0]
     groups: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for rec in records:
         groups[rec["capability"]][rec["kind"]].append(rec)
@@ -205,6 +209,56 @@ def score_generations(records: list[dict[str, Any]], alpha: float = 0.01) -> dic
             block["conflict"] = conflict
         block["alpha"] = alpha
         all_recs = [r for kind in ("selection", "register", "conflict") for r in kinds.get(kind, [])]
-        block["tokens"] = _tokens(all_recs, _arm_order({r["arm"] for r in all_recs}))
+        block["tokens"] = mean_tokens(all_recs, _arm_order({r["arm"] for r in all_recs}))
         out[cap] = block
     return out
+
+
+KINDS = ("selection", "register", "conflict")
+ARM_PAIRS = (("mars", "ablated"), ("mars", "text"), ("text", "ablated"))
+DEFAULT_SETTINGS: dict[str, Any] = {"alpha": 0.01, "hypotheses": [], "bootstrap_seed": 0,
+                                    "bootstrap_resamples": 2000, "persistence_segments": 3}
+
+
+def _settings(settings: dict[str, Any] | None) -> dict[str, Any]:
+    unknown = sorted(set(settings or {}) - set(DEFAULT_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown scoring setting(s) {unknown}; allowed: {sorted(DEFAULT_SETTINGS)}")
+    return {**DEFAULT_SETTINGS, **(settings or {})}
+
+
+def _gates(gates: dict[str, Any] | None) -> dict[str, Any]:
+    """The measured gates plus each channel's L2 norm over layers (which channel the model listens to)."""
+    if not gates:
+        return {}
+    per_layer = gates["per_layer"]
+    per_channel = [sum(layer[c] ** 2 for layer in per_layer) ** 0.5 for c in range(len(gates["channel_names"]))]
+    return {**gates, "per_channel_l2": dict(zip(gates["channel_names"], per_channel, strict=True))}
+
+
+def score_all(records: list[dict[str, Any]], settings: dict[str, Any] | None = None,
+              measurements: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every figure and verdict of an iteration's evaluation, from its saved generations alone (plus the
+    measured losses and gates, which needed the model). Same inputs, same output, byte for byte."""
+    cfg = _settings(settings)
+    meas = measurements or {}
+    first = [r for r in records if turn_of(r) == 0]
+    capabilities = score_generations(records, alpha=cfg["alpha"])
+    kinds = {(r["capability"], r["kind"]) for r in first}
+    groups = [(cap, kind) for cap in capabilities for kind in KINDS if (cap, kind) in kinds]
+    arms = _arm_order({r["arm"] for r in records})
+    pairs = [(a, b) for a, b in ARM_PAIRS if a in arms and b in arms]
+    boot = {"seed": cfg["bootstrap_seed"], "resamples": cfg["bootstrap_resamples"]}
+    return {
+        "model": meas.get("model"),
+        "settings": cfg,
+        "n_records": len(records),
+        "arms": arms,
+        "capabilities": capabilities,
+        "hypotheses": evaluate_hypotheses(records, cfg["hypotheses"], groups, **boot),
+        "channel_vs_text": score_arms(records, groups, arms, pairs, **boot),
+        "persistence": score_persistence(records, groups, arms, cfg["persistence_segments"]),
+        "similarity": score_similarity(records, list(capabilities), pairs),
+        "relief": score_relief(meas.get("relief", {}), meas.get("model")),
+        "gates": _gates(meas.get("gates")),
+    }

@@ -1,4 +1,5 @@
-"""Report stage: one Markdown page with every table of the iteration (also a Prefect artifact)."""
+"""Report stage: report.md (every table of the iteration), report.html (the same, with plots),
+metrics.json (the iteration's numbers and verdicts), and Prefect artifacts (markdown + tables)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
 from tasks.common import artifact_of, logger, run_stage
 from tinymars.profile import Profile
+
+WALL_CLOCK = ("tok_per_s", "sec_per_step")  # never inside an artifact (same inputs, same bytes)
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -22,7 +25,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def render_report(profile: Profile, corpus_meta: dict, pack_meta: dict, models: dict[str, dict], scores: dict) -> str:
-    from scorers.evaluate import format_markdown
+    from scorers.report_md import format_evaluation
 
     t = profile.report.title
     parts = [f"# {t}: `{profile.name}`", "", profile.description.strip(), ""]
@@ -46,25 +49,10 @@ def render_report(profile: Profile, corpus_meta: dict, pack_meta: dict, models: 
         rows.append([name, info["arch"], f"{int(mm.get('num_params', 0)):,}", _fmt(mm.get("final_loss")),
                      _fmt(mm.get("final_heldout_loss")), _fmt(mm.get("alpha_l2")), _fmt(mm.get("tok_per_s"), 0)])
     parts += [_table(["model", "arch", "params", "final train loss", "held-out loss", "alpha_l2", "tok/s"], rows), ""]
-    parts += [f"## Evaluation: MARS vs ABLATED (model `{scores['model']}`)", "",
-              format_markdown(scores["capabilities"]), ""]
-    parts += ["## Relief valve (held-out target loss, nats/token and bits/byte)", ""]
-    rr = []
-    for name, r in sorted(scores["relief"].items()):
-        z = r["channels_zeroed"]
-        on = r.get("channels_on")
-        rr.append([name, _fmt(z["nats_per_token"], 4), _fmt(z["bits_per_byte"], 4),
-                   _fmt(on["nats_per_token"], 4) if on else "–", z["tokens"]])
-    parts += [_table(["model", "nats/token (channels zeroed)", "bits/byte (zeroed)", "nats/token (channels on)",
-                      "tokens"], rr), ""]
+    parts += [format_evaluation(scores)]
     parts += ["## Settings", "", f"Profile `{profile.name}`, hash `{profile.hash()[:16]}`.", "",
               "<details><summary>the whole profile</summary>", "", "```json",
               json.dumps(profile.model_dump(mode="json"), indent=1, sort_keys=True), "```", "</details>", ""]
-    g = scores.get("gates") or {}
-    if g:
-        parts += [f"## Gates (alpha_l2 = {g['alpha_l2']:.4f})", "",
-                  _table(["layer", *g["channel_names"]],
-                         [[i, *[f"{x:+.4f}" for x in layer]] for i, layer in enumerate(g["per_layer"])]), ""]
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -72,6 +60,71 @@ def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "–"
     return f"{v:,.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def read_curves(model_dir: Path) -> list[dict[str, Any]]:
+    """The logged training points of one model (metrics.jsonl), or [] when it has none."""
+    path = model_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def report_figures(curves: dict[str, list[dict[str, Any]]], scores: dict[str, Any],
+                   channel_names: list[str]) -> dict[str, list[tuple[str, bytes]]]:
+    """Figures keyed by the report heading they sit under (see tasks.report_html)."""
+    from tasks import report_plots as plots
+
+    arms = scores["arms"]
+    wanted = {
+        "Models": [("Loss curves of all models", plots.loss_curves(curves)),
+                   ("alpha_l2 and per-channel gate norms over steps", plots.alpha_curves(curves, channel_names))],
+        "Evaluation": [("Per-capability success rate per arm, 95% CI",
+                        plots.capability_rates(scores["channel_vs_text"], arms)),
+                       ("Conflict rate per arm, 95% CI", plots.conflict_rates(scores["channel_vs_text"], arms))],
+        "Persistence": [("MARS minus ABLATED per response span and turn",
+                         plots.persistence_lines(scores["persistence"]))],
+        "Relief valve": [("Held-out loss per model, channels zeroed and on", plots.relief_bars(scores["relief"]))],
+        "Gates": [("Final gates per layer and channel", plots.gate_heatmap(scores["gates"]))],
+    }
+    return {k: [(c, png) for c, png in figs if png is not None] for k, figs in wanted.items()}
+
+
+def iteration_metrics(profile: Profile, models: dict[str, dict], scores: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json: the per-iteration numbers (`tinymars compare` reads it), no wall-clock figures."""
+    from tasks.eval import headline_metrics
+
+    return {
+        "profile": profile.name,
+        "profile_hash": profile.hash(),
+        "eval_model": scores["model"],
+        "eval": headline_metrics(scores),
+        "models": {n: {k: v for k, v in sorted(info["metrics"].items()) if k not in WALL_CLOCK}
+                   for n, info in sorted(models.items())},
+        "hypotheses": {h["id"]: h["verdict"] for h in scores["hypotheses"]},
+    }
+
+
+def _publish(profile: Profile, folder: Path, scores: dict[str, Any]) -> None:
+    """Prefect UI artifacts: the report and two tables (only inside a flow run)."""
+    hyp_rows = [{"hypothesis": h["id"], "capability": m["capability"], "test": m["test"], "n": m["n"],
+                 "effect": m["effect"], "p": m["p"], "p_holm": m["p_holm"], "n_for_80pct_power": m["n_needed"],
+                 "verdict": m["verdict"]} for h in scores["hypotheses"] for m in h["members"]]
+    cap_rows = [{"capability": r["capability"], "kind": r["kind"], "metric": r["metric"],
+                 **{f"{arm}_rate": a["rate"] for arm, a in r["arms"].items()},
+                 **{f"{pair}_delta": d["delta"] for pair, d in r["deltas"].items()}}
+                for r in scores["channel_vs_text"]]
+    try:
+        create_markdown_artifact(key="tinymars-report", markdown=(folder / "report.md").read_text(),
+                                 description=profile.name)
+        if hyp_rows:
+            create_table_artifact(key="tinymars-hypotheses", table=hyp_rows,
+                                  description=f"{profile.name}: pre-registered hypotheses")
+        if cap_rows:
+            create_table_artifact(key="tinymars-capabilities", table=cap_rows,
+                                  description=f"{profile.name}: success rate per capability and arm")
+    except MissingContextError:
+        pass
 
 
 @task(name="report", cache_policy=NO_CACHE)
@@ -88,20 +141,27 @@ def report_task(
               **{f"model:{n}": artifact_of(r) for n, r in sorted(trained.items())}}
 
     def build(out: Path) -> dict[str, Any]:
+        from tasks.eval import write_json
+        from tasks.report_html import render_html
+
         pack_meta = json.loads(inputs["pack"].file("pack.json").read_text())
         scores = json.loads(inputs["eval"].file("scores.json").read_text())
         models = {n: inputs[f"model:{n}"].meta for n in trained}
         text = render_report(profile, inputs["corpus"].meta, pack_meta, models, scores)
         (out / "report.md").write_text(text, encoding="utf-8")
+        write_json(out / "metrics.json", iteration_metrics(profile, models, scores))
+        if profile.report.html:
+            curves = {n: read_curves(Path(inputs[f"model:{n}"].path)) for n in trained}
+            figures = report_figures(curves, scores, pack_meta["channel_names"])
+            page = render_html(f"{profile.report.title}: {profile.name}", text, figures)
+            (out / "report.html").write_text(page, encoding="utf-8")
         return {"meta": {"metrics": {}}}
 
     # The report renders settings from every section (name, teacher, seeds, eval settings), so its
     # key is the whole profile, not just the report section.
     result = run_stage("report", home, profile.model_dump(mode="json"), inputs, build, force)
-    report_md = Path(result["artifact"]["path"]) / "report.md"
-    try:
-        create_markdown_artifact(key="tinymars-report", markdown=report_md.read_text(), description=profile.name)
-    except MissingContextError:
-        pass
-    logger().info(f"[report] {report_md}")
+    folder = Path(result["artifact"]["path"])
+    _publish(profile, folder, scores=json.loads(artifact_of(evaluation).file("scores.json").read_text()))
+    html_note = f" and {folder / 'report.html'}" if profile.report.html else ""
+    logger().info(f"[report] {folder / 'report.md'}{html_note}")
     return result

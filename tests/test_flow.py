@@ -57,19 +57,21 @@ def test_report_and_generations_are_complete(chain):
     lin = Lineage(chain / "lineage.duckdb")
     arts = {a["name"]: a for a in lin.query("SELECT * FROM artifacts")}
     report = (Path(arts["report"]["path"]) / "report.md").read_text()
-    for heading in ("## Corpus", "## Models", "## Evaluation: MARS vs ABLATED", "## Relief valve", "## Gates"):
+    for heading in ("## Corpus", "## Models", "## Hypotheses (pre-registered)", "## Evaluation: MARS vs ABLATED",
+                    "## Channel vs text", "## Persistence", "## Relief valve", "## Gates"):
         assert heading in report
     for cap in ("memory", "identity", "continuity", "affect", "time", "ethics"):
         assert cap in report
     eval_dir = Path(arts["eval"]["path"])
     records = [json.loads(line) for line in (eval_dir / "generations.jsonl").read_text().splitlines()]
-    assert {r["arm"] for r in records} == {"mars", "ablated"}
+    assert {r["arm"] for r in records} == {"mars", "ablated", "text"}
     assert all({"row_id", "prompt", "response", "channel_state", "response_tokens"} <= set(r) for r in records)
     # every verdict can be re-scored with no model: the saved scores are a pure function of the JSONL
-    from scorers.evaluate import score_generations
+    from scorers.evaluate import score_all
 
     scores = json.loads((eval_dir / "scores.json").read_text())
-    assert score_generations(records, alpha=0.01) == scores["capabilities"]
+    settings, measured = (json.loads((eval_dir / f).read_text()) for f in ("settings.json", "measurements.json"))
+    assert score_all(records, settings, measured) == scores
 
 
 def test_rerun_recomputes_nothing(chain):

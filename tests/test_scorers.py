@@ -339,3 +339,341 @@ def test_format_markdown_has_every_table() -> None:
     assert "| memory | 12 | 66.7% | 25.0% | 41.7 pp | 2 | 6 | 1 | 3 | 0.125 | n.s. |" in md
     assert "| affect | mars | 6 | 4 | 1 | 1 | 66.7% |" in md
     assert format_markdown({}) == "_No generations were scored._\n"
+
+
+# ---------------------------------------------------------------- traps: wrong language, empty, negation
+
+
+def test_wrong_language_responses_score_nothing() -> None:
+    # The lexicons and key terms are English: a response in another language earns no register points,
+    # no VADER sentiment and no selection, even when it says the right thing.
+    for text in ("¡Qué alegría ayudarte! Un abrazo muy cálido.", "Ach, wie langweilig. Na gut."):
+        assert register_score(text, "affect") == 0.0
+        assert vader_compound(text) == 0.0
+        assert not follows_pole(text, "affect", "+") and not follows_pole(text, "affect", "-")
+    assert register_score("Bonjour, quelle belle matinée!", "time") == 0.0
+    assert item_mentions("Vai a Lisboa com a tua irmã.", ITEMS) == [0, 0, 0]
+    assert not dominant("Vai a Lisboa com a tua irmã.", ITEMS, 1)
+    # ...but proper names do not translate: a German answer about Rex the beagle still selects item 0
+    assert dominant("Geh mit Rex spazieren, dem Beagle.", ITEMS, 0)
+
+
+def test_empty_response_is_a_miss_everywhere() -> None:
+    from scorers.persistence import split_segments
+    from scorers.similarity import cosine_distance
+
+    assert not any(dominant("", ITEMS, i) for i in range(3))
+    assert register_gap("", "", "time") == 0.0 and not directional("", "", "time")
+    # directional is relative: an empty + response still beats a cold - response (0 > -2), never a warm one
+    assert directional("", "Sigh, how tedious.", "affect") and not directional("", "So happy!", "affect")
+    assert not follows_pole("", "ethics", "+") and not follows_pole("", "ethics", "-")
+    assert split_segments("", 3) == ["", "", ""]
+    assert cosine_distance("", "") == 0.0 and cosine_distance("", "hello") == 1.0
+
+
+def test_negated_pole_word_counts_for_the_other_pole() -> None:
+    assert follows_pole("I am not happy about this.", "affect", "-")
+    assert not follows_pole("I am not happy about this.", "affect", "+")
+    assert follows_pole("It is not dark yet.", "time", "+")  # "not dark" reads as the + (morning) pole
+    assert register_gap("Never boring, always a delight!", "Not lovely, not kind.", "affect") == 4.0
+
+
+# ---------------------------------------------------------------- statistics: more tests vs scipy / statsmodels
+
+
+def test_mcnemar_equals_statsmodels_to_the_last_digit() -> None:
+    rng = random.Random(2024)
+    for _ in range(500):
+        a, b, c, d = (rng.randint(0, 250) for _ in range(4))
+        assert mcnemar_exact(b, c) == mcnemar([[a, b], [c, d]], exact=True).pvalue, (a, b, c, d)
+
+
+def test_wilcoxon_matches_scipy_and_handles_all_zero() -> None:
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    from scorers.stats import wilcoxon_signed_rank
+
+    rng = np.random.default_rng(11)
+    for _ in range(30):
+        n = int(rng.integers(3, 60))
+        d = np.round(rng.normal(0.3, 1.0, size=n), int(rng.integers(0, 3)))  # rounding makes ties and zeros
+        if not np.any(d):
+            continue
+        for alt in ("greater", "two-sided"):
+            assert wilcoxon_signed_rank(d, alt) == pytest.approx(wilcoxon(d, alternative=alt).pvalue, rel=1e-12)
+    assert wilcoxon_signed_rank([0.0, 0.0, 0.0]) == 1.0
+    assert wilcoxon_signed_rank([]) == 1.0
+    assert wilcoxon_signed_rank([1.0, 2.0, 3.0]) == pytest.approx(1 / 8)  # exact: only the all-positive ranking
+
+
+def test_bootstrap_equals_scipy_paired_percentile_bootstrap() -> None:
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    from scorers.stats import bootstrap_mean_ci
+
+    rng = np.random.default_rng(3)
+    for seed in range(5):
+        a, b = rng.integers(0, 2, size=40).astype(float), rng.integers(0, 2, size=40).astype(float)
+        ref = bootstrap((a, b), lambda x, y, axis=-1: np.mean(x - y, axis=axis), paired=True, vectorized=True,
+                        n_resamples=999, method="percentile", rng=np.random.default_rng(seed))
+        got = bootstrap_mean_ci(list(a - b), seed=seed, resamples=999)
+        assert got == pytest.approx([ref.confidence_interval.low, ref.confidence_interval.high], abs=1e-12)
+    assert bootstrap_mean_ci([0.5] * 10, seed=0) == [0.5, 0.5]
+    assert bootstrap_mean_ci([1.0], seed=0) is None
+    lo, hi = bootstrap_mean_ci([0.0, 1.0] * 50, seed=1, resamples=4000)
+    assert lo < 0.5 < hi and 0.35 < lo and hi < 0.65
+
+
+def test_holm_hand_computed_and_against_statsmodels() -> None:
+    from statsmodels.stats.multitest import multipletests
+
+    from scorers.stats import holm
+
+    # m = 4: sorted 0.005, 0.01, 0.03, 0.04 -> 4*0.005, 3*0.01, 2*0.03 = 0.06, max(0.06, 1*0.04) = 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # step-down monotonicity: a later, smaller raw product is lifted to the running max
+    assert holm([0.02, 0.021]) == pytest.approx([0.04, 0.04])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert holm([0.003]) == [0.003] and holm([]) == []
+    rng = random.Random(8)
+    for _ in range(20):  # multipletests costs ~60 ms a call
+        p = [rng.random() ** 3 for _ in range(rng.randint(1, 8))]
+        assert holm(p) == pytest.approx(list(multipletests(p, method="holm")[1]), abs=1e-15)
+    with pytest.raises(ValueError):
+        holm([1.5])
+
+
+def _brute_power(n: int, p1: float, p0: float, alpha: float, alternative: str) -> float:
+    from scipy.stats import binom
+
+    return sum(binom.pmf(k, n, p1) for k in range(n + 1)
+               if binomtest(k, n, p0, alternative=alternative).pvalue < alpha)
+
+
+@pytest.mark.parametrize("p1,p0,alternative", [(0.7, 0.5, "greater"), (0.8, 0.5, "two-sided"),
+                                               (0.6, 1 / 3, "greater"), (0.9, 0.5, "greater")])
+def test_power_and_n_needed_match_brute_force_exact_tests(p1, p0, alternative) -> None:
+    from scorers.stats import binomial_n_for_power, binomial_power
+
+    for n in (1, 4, 9, 20, 33):
+        assert float(binomial_power(n, p1, p0, 0.05, alternative)) == pytest.approx(
+            _brute_power(n, p1, p0, 0.05, alternative), abs=1e-12)
+    need = binomial_n_for_power(p1, p0, 0.05, 0.8, alternative)
+    assert _brute_power(need, p1, p0, 0.05, alternative) >= 0.8
+    assert all(_brute_power(n, p1, p0, 0.05, alternative) < 0.8 for n in range(1, need))
+
+
+def test_power_without_an_effect_and_noether() -> None:
+    from scipy.stats import norm
+
+    from scorers.stats import binomial_n_for_power, wilcoxon_n_for_power
+
+    assert binomial_n_for_power(0.5, 0.5, 0.05) is None and binomial_n_for_power(0.3, 0.5, 0.05) is None
+    assert binomial_n_for_power(0.5001, 0.5, 0.05, n_max=50) is None  # beyond n_max
+    # diffs [1, 1, -1, 1]: pairwise sums 2,0,2,0,2,0 -> p' = (3 + 0.5 * 3) / 6 = 0.75
+    z = norm.ppf(0.95) + norm.ppf(0.8)
+    assert wilcoxon_n_for_power([1, 1, -1, 1], 0.05) == math.ceil(z * z / (3 * 0.25**2))
+    assert wilcoxon_n_for_power([-1, -2, 0.5], 0.05) is None
+    assert wilcoxon_n_for_power([1.0], 0.05) is None
+
+
+# ---------------------------------------------------------------- hypotheses, arms, persistence, distances, relief
+
+
+def _hyp(hid: str, metric: str, beats: str, capability: str = "all", arm: str = "mars", alpha: float = 0.05) -> dict:
+    return {"id": hid, "capability": capability, "metric": metric, "arm": arm, "beats": beats, "alpha": alpha}
+
+
+def _selection_cells(cells: list[tuple[str, str]], cap: str = "memory") -> list[dict]:
+    recs = []
+    for i, (m, a) in enumerate(cells):
+        recs += [_sel(i, "mars", m, cap=cap), _sel(i, "ablated", a, cap=cap)]
+    return recs
+
+
+HIT, MISS = "Take Rex the beagle out.", "Rex, Lisbon, piano."
+
+
+def _verdict(records: list[dict], hyp: dict) -> dict:
+    from scorers.evaluate import score_all
+
+    return score_all(records, {"hypotheses": [hyp], "bootstrap_resamples": 200})["hypotheses"][0]
+
+
+def test_hypothesis_supported_not_supported_and_underpowered() -> None:
+    strong = _selection_cells([(HIT, MISS)] * 20 + [(HIT, HIT)] * 5)
+    h = _verdict(strong, _hyp("H1", "dominant", "ablated"))
+    m = h["members"][0]
+    assert (h["verdict"], m["verdict"], m["test"], m["n"]) == ("supported", "supported", "exact McNemar", 25)
+    assert m["p"] == mcnemar_exact(20, 0) and m["p_holm"] == m["p"] and m["direction_ok"]
+    assert m["effect"] == pytest.approx(20 / 25) and m["ci95"][0] <= 0.8 <= m["ci95"][1]
+
+    wrong = _selection_cells([(MISS, HIT)] * 20)
+    assert _verdict(wrong, _hyp("H1", "dominant", "ablated"))["verdict"] == "not supported"
+
+    small = _selection_cells([(HIT, MISS)] * 3 + [(MISS, MISS)] * 3)
+    h = _verdict(small, _hyp("H1", "dominant", "ablated"))
+    m = h["members"][0]
+    assert m["p"] == mcnemar_exact(3, 0) and m["p"] > 0.05
+    assert h["verdict"] == "underpowered" and m["n_needed"] > m["n"]
+    # the n needed is in rows: discordant pairs needed / discordant fraction (3 of 6)
+    from scorers.stats import binomial_n_for_power
+
+    assert m["n_needed"] == math.ceil(binomial_n_for_power(1.0, 0.5, 0.05, 0.8, "two-sided") * 6 / 3)
+
+
+def test_hypothesis_family_is_holm_corrected_across_capabilities() -> None:
+    # memory alone is significant at 0.05 (p = 2 * 0.5**6 = 0.03125); with identity null the family
+    # of two needs p < 0.025 for it: Holm doubles the smallest p-value.
+    recs = _selection_cells([(HIT, MISS)] * 6, cap="memory") + _selection_cells([(MISS, MISS)] * 6, cap="identity")
+    alone = _verdict(recs, _hyp("H", "dominant", "ablated", capability="memory"))
+    fam = _verdict(recs, _hyp("H", "dominant", "ablated"))
+    assert alone["verdict"] == "supported" and alone["members"][0]["p"] == pytest.approx(0.03125)
+    assert [m["capability"] for m in fam["members"]] == ["memory", "identity"]
+    assert fam["members"][0]["p_holm"] == pytest.approx(0.0625) and fam["members"][0]["verdict"] != "supported"
+    assert fam["members"][1]["verdict"] == "not supported" and fam["verdict"] == "not supported"
+
+
+def test_hypotheses_against_chance_and_on_magnitudes() -> None:
+    from scorers.stats import wilcoxon_signed_rank
+
+    recs = _records()
+    sign = _verdict(recs, _hyp("H2", "directional", "chance"))["members"][0]
+    assert (sign["test"], sign["counts"], sign["p"]) == ("sign test", {"wins": 4, "losses": 1}, sign_test(4, 1))
+    gap = _verdict(recs, _hyp("H3", "gap", "ablated"))["members"][0]
+    assert gap["test"] == "Wilcoxon signed-rank" and gap["effect"] == pytest.approx(2.0)
+    assert gap["p"] == wilcoxon_signed_rank([4.0, 4.0, 4.0, 4.0, -4.0, 0.0])
+    con = _verdict(recs, _hyp("H5", "conflict", "chance"))["members"][0]
+    assert con["p"] == binom_test(2, 4, 0.5) and con["verdict"] == "not supported"  # 50% is not above chance
+    dom = _verdict(recs, _hyp("H6", "dominant", "chance"))["members"][0]
+    assert dom["p"] == binom_test(8, 12, 1 / 3) and dom["effect"] == pytest.approx(8 / 12)
+
+
+def test_hypothesis_without_generations_is_underpowered_and_bad_specs_fail() -> None:
+    from scorers.evaluate import score_all
+
+    h = _verdict(_records(), _hyp("H", "dominant", "ablated", capability="identity"))
+    assert h["verdict"] == "underpowered" and h["members"][0]["n"] == 0
+    with pytest.raises(ValueError, match="does not apply"):
+        _verdict(_records(), _hyp("H", "dominant", "ablated", capability="affect"))
+    with pytest.raises(ValueError, match="unique"):
+        score_all(_records(), {"hypotheses": [_hyp("H", "gap", "chance")] * 2})
+    with pytest.raises(ValueError, match="unknown scoring setting"):
+        score_all(_records(), {"alfa": 0.1})
+
+
+def test_channel_vs_text_rates_deltas_and_token_cost() -> None:
+    from scorers.evaluate import score_all
+
+    recs = _records()
+    recs += [{**r, "arm": "text", "prompt_tokens": r["prompt_tokens"] + 7,
+              "response": MISS if r["kind"] == "selection" else r["response"]} for r in recs if r["arm"] == "mars"]
+    rows = {(r["capability"], r["kind"]): r for r in score_all(recs, {"bootstrap_resamples": 300})["channel_vs_text"]}
+    mem = rows[("memory", "selection")]
+    assert [mem["arms"][a]["successes"] for a in ("mars", "ablated", "text")] == [8, 3, 0]
+    assert mem["deltas"]["mars-text"]["delta"] == pytest.approx(8 / 12)
+    assert mem["deltas"]["text-ablated"]["delta"] == pytest.approx(-3 / 12)
+    assert mem["tokens"]["text_extra_prompt_tokens"] == 7.0
+    assert mem["tokens"]["text"]["mean_prompt_tokens"] == 47.0
+    assert set(rows) == {("memory", "selection"), ("affect", "register"), ("affect", "conflict")}
+
+
+def test_persistence_by_segment_and_turn() -> None:
+    from scorers.evaluate import score_all
+    from scorers.persistence import split_segments
+
+    assert split_segments("a b c d e f g", 3) == ["a b", "c d", "e f g"]
+    assert split_segments("one two", 3) == ["", "one", "two"]
+    fading = "Rex the beagle needs a walk and then some quiet time at home today"
+    recs = _selection_cells([(fading, "Nothing.")] * 4)
+    recs += [{**r, "turn": 1, "response": "Nothing." if r["arm"] == "mars" else HIT} for r in recs]
+    p = score_all(recs)["persistence"]
+    seg = {r["arm"]: r["rates"] for r in p["segments"]}
+    assert seg["mars"] == [1.0, 0.0, 0.0] and seg["ablated"] == [0.0, 0.0, 0.0]
+    turns = {r["arm"]: r["rates"] for r in p["by_turn"]}
+    assert p["turns"] == [0, 1] and turns["mars"] == [1.0, 0.0] and turns["ablated"] == [0.0, 1.0]
+    # turn-1 records never leak into the turn-0 verdicts
+    assert score_all(recs)["capabilities"] == score_all([r for r in recs if r.get("turn", 0) == 0])["capabilities"]
+
+
+def test_cosine_distance_between_arms() -> None:
+    from scorers.evaluate import score_all
+    from scorers.similarity import cosine_distance
+
+    assert cosine_distance("Rex the beagle", "the BEAGLE, Rex!") == 0.0
+    assert cosine_distance("warm sun", "cold moon") == 1.0
+    assert cosine_distance("a b", "a c") == pytest.approx(0.5)
+    sim = {(r["capability"], r["pair"]): r for r in score_all(_records())["similarity"]}
+    mem = sim[("memory", "mars-ablated")]
+    assert mem["n"] == 12 and mem["identical"] == pytest.approx((2 + 3) / 12)  # both-hit and both-miss rows
+
+
+def test_relief_valve_against_each_baseline() -> None:
+    from scorers.relief import score_relief
+
+    loss = lambda nats, bpb: {"nats_per_token": nats, "bits_per_byte": bpb, "tokens": 10, "total_nats": nats * 10}  # noqa: E731
+    relief = {"native": {"has_channels": True, "channels_zeroed": loss(3.0, 1.2), "channels_on": loss(2.5, 1.0)},
+              "small": {"has_channels": False, "channels_zeroed": loss(2.8, 1.1)},
+              "large": {"has_channels": False, "channels_zeroed": loss(3.1, None)}}
+    out = score_relief(relief, "native")
+    assert out["channel_benefit_nats"] == pytest.approx(0.5)
+    vs = {v["baseline"]: v for v in out["versus"]}
+    assert vs["small"]["delta_nats"] == pytest.approx(0.2) and vs["small"]["delta_bpb"] == pytest.approx(0.1)
+    assert vs["large"]["delta_nats"] == pytest.approx(-0.1) and vs["large"]["delta_bpb"] is None
+    assert score_relief(relief, None)["versus"] == []
+
+
+def test_score_all_is_deterministic_order_free_and_strict_json() -> None:
+    from scorers.evaluate import score_all
+
+    recs = _records() + [{**r, "arm": "text"} for r in _records() if r["arm"] == "mars"]
+    settings = {"hypotheses": [_hyp("H1", "dominant", "ablated"), _hyp("H3", "gap", "ablated")],
+                "bootstrap_resamples": 300}
+    first = json.dumps(score_all(recs, settings), allow_nan=False)
+    random.Random(5).shuffle(recs)
+    assert json.dumps(score_all(recs, settings), allow_nan=False) == first
+    assert json.loads(first) == score_all(recs, settings)  # a JSON round trip loses nothing
+
+
+def test_format_evaluation_has_every_section() -> None:
+    from scorers.evaluate import score_all
+    from scorers.report_md import format_evaluation
+
+    recs = _records() + [{**r, "turn": 1} for r in _records()]
+    meas = {"model": "native",
+            "relief": {"native": {"has_channels": True, "channels_zeroed": {"nats_per_token": 3.0, "bits_per_byte": 1.0,
+                                                                            "tokens": 5, "total_nats": 15.0}},
+                       "baseline": {"has_channels": False, "channels_zeroed": {"nats_per_token": 2.9,
+                                                                               "bits_per_byte": 0.9, "tokens": 5,
+                                                                               "total_nats": 14.5}}},
+            "gates": {"alpha_l2": 0.5, "channel_names": ["memory", "affect"], "per_layer": [[0.3, -0.4]]}}
+    md = format_evaluation(score_all(recs, {"hypotheses": [_hyp("H1", "dominant", "ablated")]}, meas))
+    for heading in ("## Hypotheses (pre-registered)", "## Evaluation: MARS vs ABLATED (model `native`)",
+                    "### Selection", "### Register", "### Conflict", "## Arms side by side", "## Persistence",
+                    "## Response distance between arms", "## Relief valve", "## Gates (alpha_l2 = 0.5000)"):
+        assert heading in md, heading
+    assert "| H1 | memory | exact McNemar | 12 |" in md
+    assert "| native | baseline | +0.1000 | +0.1000 |" in md
+    assert "| turn 0 | turn 1 |" in md
+
+
+def test_read_generations_names_the_bad_line(tmp_path) -> None:
+    from scorers.io import GenerationsError, read_generations
+
+    good = _records()[0]
+    path = tmp_path / "g.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "arm": None}) + "\n")
+    with pytest.raises(GenerationsError, match="line 3: missing field 'arm'"):
+        read_generations(path)
+    path.write_text(json.dumps(good) + "\n{oops\n")
+    with pytest.raises(GenerationsError, match="line 2: not JSON"):
+        read_generations(path)
+    path.write_text(json.dumps({**good, "items": None}) + "\n")
+    with pytest.raises(GenerationsError, match="missing field 'items'"):
+        read_generations(path)
+    path.write_text(json.dumps({**good, "response": ""}) + "\n")
+    assert read_generations(path)[0]["response"] == ""  # an empty response is a valid (failed) answer
+    with pytest.raises(GenerationsError, match="no such file"):
+        read_generations(tmp_path / "missing.jsonl")

@@ -1,0 +1,155 @@
+"""Eval generation: seeded sampling, fixed shapes (no recompiles), no-cache reference, the arms' records."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.eval_arms import arm_prompt, followup_prompt, generate_arms
+from models.generate import Sampling, generate
+from models.registry import build
+
+V, C, D, PAD, EOS = 97, 2, 8, 0, 3
+
+
+def lively_model() -> torch.nn.Module:
+    """A tiny native model whose gates and outputs are not at their (silent) init values."""
+    model = build({"arch": "native", "n_layer": 2, "n_head": 2, "d_model": 32}, vocab_size=V, seq_len=64,
+                  channel_names=("a", "b"), channel_dim=D, seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("proj.weight", "gate")) or name == "lm_head.weight":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(5, V, (n,), generator=g).tolist() for n in (1, 6, 3, 9, 4, 7, 2)]
+    return lively_model(), prompts, torch.randn(len(prompts), C, D, generator=g)
+
+
+def test_fixed_shape_and_no_cache_equal_dynamic_greedy(setup) -> None:
+    model, prompts, ch = setup
+    free = generate(model, prompts, ch, 10, -1, PAD, batch_size=3)
+    eos = free[1][4]  # a token rows really emit, so some rows stop early and the cut after eos is exercised
+    want = generate(model, prompts, ch, 10, eos, PAD, batch_size=3)
+    assert any(len(w) < 10 for w in want) and any(len(w) == 10 for w in want)
+    assert generate(model, prompts, ch, 10, eos, PAD, batch_size=3, fixed_shape=True) == want
+    assert generate(model, prompts, ch, 10, eos, PAD, batch_size=4, fixed_shape=True, prompt_len=12) == want
+    assert generate(model, prompts, ch, 10, eos, PAD, batch_size=3, use_cache=False) == want
+    assert generate(model, prompts, ch, 10, eos, PAD, sampling=Sampling(temperature=0.0, seed=9)) == want
+    assert generate(model, prompts, ch, 10, eos, PAD, sampling=Sampling(temperature=1.0, top_k=1)) == want
+    with pytest.raises(ValueError, match="prompt_len"):
+        generate(model, prompts, ch, 4, EOS, PAD, fixed_shape=True, prompt_len=5)
+
+
+def test_seeded_sampling_is_per_row_reproducible(setup) -> None:
+    model, prompts, ch = setup
+    s = Sampling(temperature=1.2, seed=5)
+    first = generate(model, prompts, ch, 12, EOS, PAD, batch_size=3, sampling=s)
+    assert first != generate(model, prompts, ch, 12, EOS, PAD, batch_size=3)  # not greedy
+    assert generate(model, prompts, ch, 12, EOS, PAD, batch_size=1, sampling=s) == first  # batch independent
+    assert generate(model, prompts, ch, 12, EOS, PAD, batch_size=5, sampling=s, fixed_shape=True) == first
+    assert generate(model, prompts[:3], ch[:3], 12, EOS, PAD, sampling=s) == first[:3]  # other rows do not matter
+    other = generate(model, prompts, ch, 12, EOS, PAD, batch_size=3, sampling=Sampling(temperature=1.2, seed=6))
+    assert other != first
+    with pytest.raises(ValueError):
+        Sampling(temperature=-1.0)
+
+
+def test_sampling_follows_the_softmax() -> None:
+    """Gumbel-max draws match softmax(logits / T) restricted to the top k (a one-step chi-square check)."""
+    from scipy.stats import chisquare
+
+    from models.generate import _Picker
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(4000, 1)
+    picks = _Picker(Sampling(temperature=0.7, top_k=3, seed=1), list(range(4000)), 4000)(logits)
+    counts = np.bincount(picks.numpy(), minlength=5)
+    assert counts[3] == counts[4] == 0
+    probs = torch.softmax(logits[0, :3] / 0.7, dim=0).numpy()
+    assert chisquare(counts[:3], probs * 4000).pvalue > 1e-3
+
+
+def test_fixed_shape_decode_compiles_once_per_shape(setup) -> None:
+    """torch.compile(fullgraph, static shapes): the prefill and the step compile once each, however many
+    steps run (the quick proxy for XLA, where a recompile per step made generation crawl)."""
+    model = setup[0]
+
+    def count_graphs(fixed: bool, steps: int) -> int:
+        torch._dynamo.reset()
+        graphs = []
+
+        def backend(gm, _inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        decode = torch.compile(model.decode, backend=backend, fullgraph=True, dynamic=False)
+        cache = model.new_cache(2, 5 + steps + 1, fixed=fixed)
+        idx = torch.randint(5, V, (2, 5))
+        with torch.no_grad():
+            logits = decode(idx, cache, torch.randn(2, C, D), torch.ones(2, 5, dtype=torch.bool))[:, -1]
+            for _ in range(steps):
+                logits = decode(logits.argmax(-1)[:, None], cache)[:, -1]
+        return len(graphs)
+
+    assert count_graphs(fixed=True, steps=5) == 2
+    assert count_graphs(fixed=False, steps=2) > 2  # the growing cache recompiles: the test can fail
+
+
+class FakeTok:
+    """A character tokenizer with the tinymars ids (bos 2, eos 3, target 4): enough to drive generate_arms."""
+
+    pad_id, bos_id, eos_id, target_id = 0, 2, 3, 4
+
+    def prompt_ids(self, text: str) -> list[int]:
+        return [self.bos_id, *[5 + ord(c) % (V - 5) for c in text], self.target_id]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+ROWS = [
+    {"row_id": "aff-0000-pos", "prompt_id": "aff-0000", "capability": "affect", "kind": "register", "split": "heldout",
+     "prompt": "Plan my day?", "pole": "+", "text_pole": None, "salient_item": None, "items": None,
+     "channel_state": {"affect": {"valence": 0.8, "saliency": 0.5}}},
+    {"row_id": "mem-0000-b", "prompt_id": "mem-0000", "capability": "memory", "kind": "selection", "split": "heldout",
+     "prompt": "Ideas for Ana?", "pole": None, "text_pole": None, "salient_item": 1,
+     "items": [{"text": "x", "keys": ["x"]}] * 3,
+     "channel_state": {"memory": {"salient_item": 1, "text": "spent a week in Lisbon"}}},
+]
+
+
+def test_arm_prompts_write_the_state_only_for_text() -> None:
+    assert arm_prompt(ROWS[0], "mars") == arm_prompt(ROWS[0], "ablated") == "Plan my day?"
+    assert arm_prompt(ROWS[0], "text") == "[state: mood warm, valence +0.80, saliency 0.50] Plan my day?"
+    assert arm_prompt(ROWS[1], "text").startswith("[state: salient memory: spent a week in Lisbon] ")
+    assert followup_prompt("Q?", " answer ", "Tell me more.") == "Q? answer Tell me more."
+    with pytest.raises(ValueError, match="unknown arm"):
+        arm_prompt(ROWS[0], "steer")
+
+
+def test_generate_arms_records_every_arm_and_turn() -> None:
+    model = lively_model()
+    mats = {"a": np.random.default_rng(0).normal(size=(2, 2)).astype(np.float32),
+            "b": np.random.default_rng(1).normal(size=(2, D)).astype(np.float32)}
+    recs = generate_arms(model, FakeTok(), ROWS, mats, ["a", "b"], D, [0, 1], ["mars", "ablated", "text"], 6, 4,
+                         followup_turns=1, followup="More?")
+    assert len(recs) == 2 * 3 + 2 * 2  # turn 0: every arm; turn 1: MARS and ABLATED only
+    assert {r["arm"] for r in recs if r["turn"] == 1} == {"mars", "ablated"}
+    by = {(r["row_id"], r["arm"], r["turn"]): r for r in recs}
+    text0, mars0 = by[("aff-0000-pos", "text", 0)], by[("aff-0000-pos", "mars", 0)]
+    assert text0["prompt"].startswith("[state: mood warm") and mars0["prompt"] == "Plan my day?"
+    assert text0["prompt_tokens"] == len(FakeTok().prompt_ids(text0["prompt"])) > mars0["prompt_tokens"]
+    assert (mars0["channel"], text0["channel"], by[("aff-0000-pos", "ablated", 0)]["channel"]) == \
+        ("real", "zeroed", "zeroed")
+    turn1 = by[("aff-0000-pos", "mars", 1)]
+    assert turn1["prompt"] == followup_prompt(mars0["prompt"], mars0["response"], "More?")
+    assert turn1["prompt_tokens"] > mars0["prompt_tokens"]
+    assert all(r["response_tokens"] <= 6 and isinstance(r["response"], str) for r in recs)
+    # the channel reaches MARS only: with lively gates its responses differ from ABLATED's somewhere
+    assert any(by[(r["row_id"], "mars", 0)]["response"] != by[(r["row_id"], "ablated", 0)]["response"] for r in ROWS)
