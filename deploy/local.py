@@ -86,15 +86,29 @@ class LocalPrefect:
         self.procs.clear()
 
     # ---------------------------------------------------------------- REST helpers
+    def _request(self, method: str, path: str, body: dict | None = None, attempts: int = 6):
+        """One API call; a busy server (SQLite-backed, 2 cores) may answer 5xx or drop a connection for a
+        moment, so those are retried with backoff; a 4xx is a real answer and raised at once."""
+        for attempt in range(attempts):
+            try:
+                r = httpx.request(method, f"{self.api_url}{path}", json=body, timeout=30)
+                if r.status_code < 500:
+                    r.raise_for_status()
+                    return r.json()
+                error: Exception = httpx.HTTPStatusError(f"{r.status_code} from {path}: {r.text[:300]}",
+                                                         request=r.request, response=r)
+            except httpx.TransportError as exc:
+                error = exc
+            if attempt == attempts - 1:
+                raise error
+            time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
+
     def get(self, path: str) -> dict:
-        r = httpx.get(f"{self.api_url}{path}", timeout=30)
-        r.raise_for_status()
-        return r.json()
+        return self._request("GET", path)
 
     def post(self, path: str, body: dict) -> dict | list:
-        r = httpx.post(f"{self.api_url}{path}", json=body, timeout=30)
-        r.raise_for_status()
-        return r.json()
+        return self._request("POST", path, body)
 
     def deployment(self, full_name: str) -> dict:
         return self.get(f"/deployments/name/{full_name}")

@@ -19,6 +19,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "deploy" / "prefect.yaml"
+TEACHER_LIMIT_DEFAULT = 32          # concurrent teacher requests across all runs; change with `prefect gcl update`
 
 
 def load_config(path: Path = PREFECT_YAML) -> dict[str, Any]:
@@ -44,6 +45,21 @@ async def ensure_pools(names: list[str], pool_type: str = "process") -> list[str
                 await client.create_work_pool(WorkPoolCreate(name=name, type=pool_type))
                 created.append(name)
     return created
+
+
+async def ensure_concurrency_limit(name: str, limit: int) -> bool:
+    """Create a global concurrency limit if missing (the teacher calls of all runs share it)."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            await client.read_global_concurrency_limit_by_name(name)
+            return False
+        except ObjectNotFound:
+            await client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+            return True
 
 
 def build_deployments(config: dict[str, Any], home: str, names: set[str], with_pools: bool = True) -> list:
@@ -85,6 +101,9 @@ def register(home: str, names: list[str] | None = None) -> list[str]:
     config = load_config()
     wanted = set(names or [d["name"] for d in config["deployments"]])
     asyncio.run(ensure_pools(pool_names(config)))
+    from tasks.corpus import TEACHER_LIMIT
+
+    asyncio.run(ensure_concurrency_limit(TEACHER_LIMIT, TEACHER_LIMIT_DEFAULT))
     registered = []
     for dep in build_deployments(config, home, wanted):
         dep.apply()

@@ -34,7 +34,7 @@ def train_models(
     """Train every model of the profile on a packed-data artifact; write the records for the caller."""
     prof = load_profile(profile, overrides)
     log = get_run_logger()
-    log.info(f"training {len(prof.train.models)} model(s) for profile '{prof.name}' on {pack['path']}")
+    log.info(f"training {len(prof.train.models)} model(s) for profile '{prof.name}' on {pack['artifact']['path']}")
     results = {spec.name: train_task(prof, home, pack, spec, force=force) for spec in prof.train.models}
     run_key = str(flow_run.get_id() or "local")
     write_atomic(handback_path(home, run_key), json.dumps(results, sort_keys=True))

@@ -24,16 +24,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # The source files each stage runs; editing one invalidates that stage (and, through content
 # hashes, whatever its output change reaches downstream).
 STAGE_SOURCES: dict[str, tuple[str, ...]] = {
-    "corpus": ("corpus/template_teacher.py", "corpus/encode.py", "corpus/data", "tasks/corpus.py"),
+    "corpus": ("corpus/template_teacher.py", "corpus/encode.py", "corpus/data", "tasks/corpus.py",
+               "scorers/register.py", "scorers/selection.py", "scorers/text.py", "scorers/lexicons.json"),
     "channels": ("corpus/channels.py", "corpus/encode.py", "corpus/embed.py", "tasks/channels.py"),
     "tokenizer": ("corpus/tokenizer.py", "tasks/tokenizer.py"),
     "pack": ("corpus/pack.py", "corpus/tokenizer.py", "tasks/pack.py"),
     "train": (
         "models/config.py", "models/gpt.py", "models/registry.py", "models/data.py", "models/trainer.py",
-        "tasks/train.py",
+        "models/adapter.py", "models/checkpoint.py", "models/distributed.py", "models/sizing.py",
+        "models/launch.py", "models/train_cli.py", "tasks/train.py",
     ),
     "eval": ("models", "scorers", "corpus/tokenizer.py", "corpus/encode.py", "tasks/eval.py"),
-    "report": ("scorers", "tasks/report.py"),
+    "report": ("scorers", "tasks/report.py", "tasks/report_html.py", "tasks/report_plots.py"),
 }
 
 

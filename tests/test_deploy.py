@@ -90,3 +90,38 @@ def test_schedules_from_yaml_are_registered(stack):
     assert weekly["schedule"]["cron"] == "0 3 * * 1" and weekly["active"] is False
     assert local.deployment("benchmark/benchmark")["work_pool_name"] == "tinymars-cpu"
     assert local.deployment("train/train")["work_pool_name"] == "tinymars-accel"
+    # teacher calls of every run share one global concurrency limit (tasks/corpus.py acquires it)
+    assert local.get("/v2/concurrency_limits/tinymars-teacher")["limit"] == 32
+
+
+def test_serve_registers_served_deployments_and_stops_cleanly(stack, tmp_path):
+    """`tinymars serve` (one box, no worker): its deployments appear with their schedules."""
+    import os
+    import signal
+    import time
+
+    local, home = stack
+    before = local.deployment("iteration/smoke")["updated"]
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([str(BIN / "tinymars"), "serve", "--home", str(home), "--only", "smoke"],
+                            env=local.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        served = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            dep = local.deployment("iteration/smoke")
+            if dep["updated"] != before:  # upserted by the serving process
+                served = dep
+                break
+            time.sleep(1)
+        assert served is not None, (tmp_path / "serve.log").read_text()
+        assert served["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+    assert proc.poll() is not None

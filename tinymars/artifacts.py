@@ -231,6 +231,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write a file so that readers see either the old content or the new, never half."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(Path(path), data.encode() if isinstance(data, str) else data)
 
 
