@@ -123,11 +123,18 @@ def teacher_gate():
     """One slot of the Prefect global concurrency limit `tinymars-teacher` per teacher request.
 
     It bounds teacher calls across every run and worker sharing the Prefect server (`tinymars deploy`
-    creates the limit). Where the server has no such limit (ephemeral runs), strict=False makes it a
-    no-op and the client's own concurrency and rate limiter are the bound.
+    creates the limit). Without a configured API (ephemeral runs, a notebook) there is no shared limit
+    to honour, and asking for one would start Prefect's temporary server just to find that out: the
+    client's own concurrency and rate limiter are the bound. strict=False: a server without the limit
+    is a no-op too.
     """
-    from prefect.concurrency.asyncio import concurrency
+    import contextlib
 
+    from prefect.concurrency.asyncio import concurrency
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        return contextlib.nullcontext()
     return concurrency(TEACHER_LIMIT, occupy=1, strict=False)
 
 
