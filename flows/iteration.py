@@ -93,6 +93,9 @@ def iteration(
                 "teacher_calls": getattr(exc, "teacher_calls", []),
             })
             raise
+        return record(result)
+
+    def record(result: dict[str, Any]) -> dict[str, Any]:
         lineage.record_stage(run_id, result)
         results.append(result)
         return result
@@ -114,8 +117,7 @@ def iteration(
         if prof.orchestration.train_dispatch == "deployment":
             trained = dispatch_training(prof.orchestration, profile, home, pack, overrides, "train" in forced)
             for result in trained.values():
-                lineage.record_stage(run_id, result)
-                results.append(result)
+                record(result)
         else:
             trained = {spec.name: step(f"train:{spec.name}", train_task, pack, spec) for spec in prof.train.models}
         stop_after("train")
