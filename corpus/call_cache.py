@@ -7,7 +7,11 @@ process being SIGKILLed at any point (only an OS crash or power loss can roll ba
 commits, which would then be asked again, never half-read). Besides the answers it keeps:
 - a journal of every HTTP attempt (paid or not), so the budget counts money spent by earlier runs
   and a killed run's paid calls still reach lineage when the next run adopts them;
-- the Batch API jobs, recorded before polling, so a rerun resumes polling instead of resubmitting.
+- the Batch API jobs, recorded before polling, so a rerun resumes polling instead of resubmitting;
+- leases: the call a live run is sending right now. Two runs sharing one home (same corpus, both
+  cold) would otherwise both miss the cache and both pay; the first to claim a key (in a
+  `BEGIN IMMEDIATE` transaction, so claims are serialised across processes) sends it, the other
+  waits for its answer. A lease dies with its run (pid gone on this host) or after `stale_after_s`.
 Failed calls are journaled but never stored as answers.
 """
 
@@ -36,6 +40,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     id INTEGER PRIMARY KEY AUTOINCREMENT, invocation TEXT NOT NULL, call_key TEXT, price_usd REAL NOT NULL,
     record TEXT NOT NULL, reported INTEGER DEFAULT 0);
 CREATE INDEX IF NOT EXISTS attempts_key ON attempts (call_key);
+CREATE TABLE IF NOT EXISTS leases (
+    call_key TEXT PRIMARY KEY, invocation TEXT NOT NULL, pid INTEGER, host TEXT, claimed_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS batches (
     batch_id TEXT PRIMARY KEY, input_file_id TEXT, call_keys TEXT NOT NULL, status TEXT NOT NULL,
     submitted_at REAL NOT NULL);
@@ -110,10 +116,37 @@ class CallCache:
                 )
                 if journal is not None:
                     self._con.execute(*self._journal_sql(*journal))
+                self._con.execute("DELETE FROM leases WHERE call_key = ?", [key])
                 self._con.execute("COMMIT")
             except BaseException:
                 self._con.execute("ROLLBACK")
                 raise
+
+    def claim(self, key: str, invocation: str, stale_after_s: float) -> tuple[str, dict[str, Any] | None]:
+        """Whether `invocation` may send this call now: ("answer", stored answer), ("claimed", None) — the
+        lease is ours until `put` or `unlease` — or ("held", None): a live run is sending it; ask again soon."""
+        with self._lock:
+            self._con.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._con.execute("SELECT answer FROM answers WHERE call_key = ?", [key]).fetchone()
+                if row is not None:
+                    return "answer", json.loads(row[0])
+                lease = self._con.execute("SELECT invocation, pid, host, claimed_at FROM leases WHERE call_key = ?",
+                                          [key]).fetchone()
+                if lease is not None and lease[0] != invocation and time.time() - lease[3] < stale_after_s \
+                        and self._alive(lease[0], {lease[0]: (lease[1], lease[2])}):
+                    return "held", None
+                self._con.execute(
+                    "INSERT OR REPLACE INTO leases (call_key, invocation, pid, host, claimed_at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [key, invocation, os.getpid(), socket.gethostname(), time.time()])
+                return "claimed", None
+            finally:
+                self._con.execute("COMMIT")
+
+    def unlease(self, key: str, invocation: str) -> None:
+        """Give a claimed call back unanswered (it failed): the next run to claim it may send it."""
+        self._commit("DELETE FROM leases WHERE call_key = ? AND invocation = ?", [key, invocation])
 
     def keys(self) -> set[str]:
         return {r[0] for r in self._rows("SELECT call_key FROM answers")}
@@ -142,6 +175,7 @@ class CallCache:
         """This run ends without handing its journal to lineage: a retry will adopt it (and what it adopted)."""
         _RUNNING.discard(invocation)
         self._commit("UPDATE invocations SET adopted_by = NULL WHERE adopted_by = ?", [invocation])
+        self._commit("DELETE FROM leases WHERE invocation = ?", [invocation])
 
     def finish_invocation(self, invocation: str) -> None:
         """Mark a run's journal, and the journals it adopted, as handed to lineage."""
@@ -153,6 +187,7 @@ class CallCache:
             for inv in done:
                 self._con.execute("UPDATE attempts SET reported = 1 WHERE invocation = ?", [inv])
                 self._con.execute("UPDATE invocations SET finished = 1 WHERE invocation = ?", [inv])
+            self._con.execute("DELETE FROM leases WHERE invocation = ?", [invocation])
             self._con.execute("COMMIT")
 
     def adopt_orphans(self, adopter: str) -> list[dict[str, Any]]:

@@ -40,7 +40,10 @@ def channel_matrices(
             else:
                 try:
                     vec = np.asarray(encode_numeric(name, state, dims[name]), dtype=np.float32)
-                except (ValueError, TypeError, KeyError) as exc:
+                except KeyError as exc:
+                    raise ChannelError(f"row {row['row_id']}: the {name} channel state lacks field {exc}; "
+                                       "see the channel_state contract in ARCHITECTURE.md") from None
+                except (ValueError, TypeError) as exc:
                     raise ChannelError(f"row {row['row_id']}: bad {name} channel state: {exc}") from None
                 if vec.shape != (dims[name],) or not np.isfinite(vec).all():
                     raise ChannelError(
@@ -52,7 +55,8 @@ def channel_matrices(
         progress(f"embedding {len(texts)} distinct texts for {len(text_refs)} text-channel slots")
         vecs = embed(list(texts))
         if vecs.shape[0] != len(texts) or not np.isfinite(vecs).all():
-            raise ChannelError(f"embedder returned {vecs.shape} (non-finite values?) for {len(texts)} texts")
+            raise ChannelError(f"the embedder returned {vecs.shape} vectors (NaN/Inf or a wrong count) for "
+                               f"{len(texts)} texts; check channels.embedder.model (its weights) and its device")
         for name, i, text in text_refs:
             if vecs.shape[1] != dims[name]:
                 raise ChannelError(

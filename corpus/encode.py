@@ -14,6 +14,7 @@ Numeric layouts (the contract in ARCHITECTURE.md, zero padded up to the requeste
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 ETHICS_CATEGORIES = (
@@ -39,14 +40,19 @@ def phase_of(hour: int) -> str:
 
 
 def _unit(name: str, value: Any, low: float, high: float) -> float:
-    x = float(value)
-    if not low <= x <= high:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}") from None
+    if not low <= x <= high:  # NaN fails this too
         raise ValueError(f"{name} must be in [{low}, {high}], got {value!r}")
     return x
 
 
 def _int_in(name: str, value: Any, high: int) -> int:
-    if isinstance(value, bool) or int(value) != value or not 0 <= int(value) <= high:
+    whole = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+        and int(value) == value
+    if not whole or not 0 <= int(value) <= high:
         raise ValueError(f"{name} must be an integer in 0..{high}, got {value!r}")
     return int(value)
 

@@ -57,6 +57,7 @@ RESPONSE_FORMATS = {
 FATAL_STATUS = {401: "auth_error", 403: "auth_error", 404: "not_found"}
 ANSWERED = ("ok", "content_filter")  # statuses whose answer is stored in the cache
 ERROR_CHARS = 300
+LEASE_POLL_S = 0.05  # how often a run waiting on another run's call looks for its answer
 _KEY_LIKE = re.compile(r"\b(sk|pk|rk)-[A-Za-z0-9_\-*]{6,}")
 
 
@@ -306,6 +307,37 @@ class TeacherClient:
         return {"total": total, "done": done, "spent_usd": self.budget.spent_now, **self.counts}
 
     async def answer(self, req: TeacherRequest) -> TeacherAnswer:
+        """One request: the stored answer, or (holding the call's lease, so a second run sharing the call
+        cache waits instead of paying again) through the endpoint with retries."""
+        stored = await self._claim(req)
+        if stored is not None:
+            return stored
+        try:
+            return await self._send(req)
+        finally:
+            self.cache.unlease(req.key, self.invocation)  # a no-op once the answer is stored
+
+    def lease_ttl_s(self) -> float:
+        """The longest a live run can spend on one call (every attempt timing out after its longest wait):
+        a lease older than this is stale, whoever holds it."""
+        wait = max(self.s.backoff_max_s, self.s.max_retry_after_s)
+        return (self.s.max_retries + 1) * (self.s.timeout_s + wait) + 60.0
+
+    async def _claim(self, req: TeacherRequest) -> TeacherAnswer | None:
+        """Wait while another live run sends this call; its answer is then a cache hit. None: ours to send."""
+        while True:
+            state, stored = self.cache.claim(req.key, self.invocation, self.lease_ttl_s())
+            if state == "claimed":
+                return None
+            if state == "answer" and stored is not None:
+                self.counts["cache_hits"] += 1
+                self.record(req, "ok", 0, 0.0, cache_hit=True)
+                return TeacherAnswer(stored["content"], stored["finish_reason"], True, stored.get("usage") or {})
+            if self._stop is not None:
+                raise _Stopped()
+            await asyncio.sleep(LEASE_POLL_S)
+
+    async def _send(self, req: TeacherRequest) -> TeacherAnswer:
         """One request through the endpoint, with retries. Truncated after every retry: a `length` answer."""
         last: AttemptFailed | None = None
         for attempt in range(1, self.s.max_retries + 2):

@@ -63,7 +63,14 @@ def pack_rows(
     dim = max(m.shape[1] for m in channels.values())
     flat = np.zeros((len(rows), len(names), dim), dtype=np.float32)
     for c, name in enumerate(names):
+        if channels[name].shape[0] != len(rows):
+            raise PackError(f"channels '{name}': {channels[name].shape[0]} vectors for {len(rows)} corpus rows; the "
+                            "channels artifact was built from another corpus: rerun with --refresh channels")
         flat[:, c, : channels[name].shape[1]] = channels[name]
+    bad = np.flatnonzero(~np.isfinite(flat).all(axis=(1, 2)))
+    if bad.size:
+        raise PackError(f"channels: NaN/Inf channel vectors in rows {[rows[i]['row_id'] for i in bad[:3]]}; rebuild "
+                        "the channels stage (--refresh channels) and check channels.embedder.model")
     flat = flat.reshape(len(rows), -1)
 
     per_split: dict[str, list[dict[str, Any]]] = {"train": [], "heldout": []}

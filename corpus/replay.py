@@ -43,6 +43,8 @@ def load_texts(source: str, config: str | None, split: str, text_field: str, cac
             if builder is None:
                 raise ReplayError(f"corpus.replay.source: '{source}' has an unknown suffix; use one of "
                                   f"{', '.join(sorted(BUILDERS))}")
+            if builder != "parquet":
+                check_utf8(path)
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir))
         elif path.is_dir():
             ds = datasets.load_dataset(str(path), config, split=split, cache_dir=str(cache_dir))
@@ -51,14 +53,43 @@ def load_texts(source: str, config: str | None, split: str, text_field: str, cac
     except ReplayError:
         raise
     except Exception as exc:  # datasets raises many kinds (offline, missing split, bad file)
+        cause = f" (cause: {exc.__cause__})" if exc.__cause__ is not None else ""  # e.g. the JSON parse error
         raise ReplayError(
-            f"corpus.replay.source: cannot load '{source}' (split '{split}'): {type(exc).__name__}: {exc}"[:600]
+            f"corpus.replay.source: cannot load '{source}' (split '{split}'): {type(exc).__name__}: {exc}{cause}"[:600]
             + "; point it at a local parquet/jsonl/txt file or check the name and the network"
         ) from None
     if text_field not in ds.column_names:
         raise ReplayError(f"corpus.replay.text_field: '{text_field}' is not a column of '{source}'; "
                           f"columns: {', '.join(ds.column_names)}")
-    return [t.strip() for t in ds[text_field] if isinstance(t, str) and t.strip()]
+    texts = [t.strip() for t in ds[text_field] if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise ReplayError(f"corpus.replay.source: '{source}' has no non-empty text in field '{text_field}' "
+                          f"({len(ds)} rows); point it at a source with text or remove corpus.replay")
+    return texts
+
+
+def check_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    """Refuse an empty or non-UTF-8 text file up front, naming the byte offset (datasets only says it failed)."""
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as exc:
+                raise ReplayError(f"corpus.replay.source: '{path}' is not UTF-8 (byte 0x{block[exc.start]:02x} at "
+                                  f"offset {offset + exc.start}); re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8"
+                                  ) from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ReplayError(f"corpus.replay.source: '{path}' is not UTF-8 (it ends inside a multi-byte character); "
+                          "re-save it as UTF-8") from None
+    if offset == 0:
+        raise ReplayError(f"corpus.replay.source: '{path}' is empty; point it at a file with text rows or remove "
+                          "corpus.replay")
 
 
 def clip(text: str, max_chars: int) -> str:

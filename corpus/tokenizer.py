@@ -11,6 +11,7 @@ import sentencepiece as spm
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 TARGET_PIECE = "<target>"  # separates prompt from target; its id is fixed at 4
+RESERVED_PIECES = 256 + 5  # byte-fallback pieces + pad, unk, bos, eos, <target>: a vocabulary must be larger
 
 
 class TokenizerError(ValueError):
@@ -55,6 +56,13 @@ def train_tokenizer(
             raise TokenizerError(
                 f"tokenizer.vocab_size: {vocab_size} is larger than this corpus supports "
                 f"(at most {m.group(1)}); lower tokenizer.vocab_size or generate a larger corpus"
+            ) from None
+        m = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(exc))
+        if m:
+            raise TokenizerError(
+                f"tokenizer.vocab_size: {vocab_size} is too small for this corpus: its characters and the reserved "
+                f"pieces need at least {m.group(1)}; raise tokenizer.vocab_size (or lower "
+                "tokenizer.character_coverage)"
             ) from None
         raise TokenizerError(f"tokenizer: SentencePiece failed: {exc}") from None
     path = out_dir / "tokenizer.model"

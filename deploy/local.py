@@ -27,9 +27,11 @@ def free_port() -> int:
 
 
 class LocalPrefect:
-    def __init__(self, prefect_home: Path, log_dir: Path, extra_env: dict[str, str] | None = None):
+    def __init__(self, prefect_home: Path, log_dir: Path, extra_env: dict[str, str] | None = None,
+                 api_url: str | None = None):
+        """`api_url`: workers for a server that is already running (then do not call start_server)."""
         self.port = free_port()
-        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.api_url = api_url or f"http://127.0.0.1:{self.port}/api"
         self.log_dir = log_dir
         self.env = {
             **os.environ,

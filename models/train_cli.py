@@ -89,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m models.train_cli", description=__doc__.splitlines()[0])
     parser.add_argument("job", help="the job file (JSON)")
     args = parser.parse_args(argv)
-    job = json.loads(Path(args.job).read_text())
+    try:
+        job = json.loads(Path(args.job).read_text())
+    except (OSError, ValueError) as exc:  # parser.error exits 2 with the usage line, no traceback
+        parser.error(f"job file '{args.job}' cannot be read as JSON ({exc}); the train task writes it "
+                     "(format: models/train_cli.py)")
     watch_launcher()
     if job["train"].get("device") == "xla" and int(job.get("nproc", 1)) > 1:
         import torch_xla

@@ -94,7 +94,7 @@ def corpus_task(profile: Profile, home: str, force: bool = False) -> dict[str, A
         else:
             rows, stats, calls, teacher_meta = _teacher_rows(profile, home)
         if not rows:
-            raise ValueError("corpus: the teacher produced no rows; raise corpus.prompts_per_capability")
+            raise ValueError(_empty_corpus_reason(section, stats))
         if section.replay is not None:
             rows, stats = _with_replay(rows, stats, section, home)
         with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
@@ -167,6 +167,21 @@ def _teacher_rows(profile: Profile, home: str) -> tuple[list[dict], dict, list[d
     log.info(f"[corpus] teacher: {len(paid)} paid calls (${spent:.4f}, ${rejected_usd:.4f} of it on rejected "
              f"targets), {metrics['teacher_cache_hits']} from the call cache")
     return rows, result.stats, result.teacher_calls, {"metrics": metrics, "meta": {"teacher": metrics}}
+
+
+def _empty_corpus_reason(section: Any, stats: dict) -> str:
+    """Why no row survived: a teacher whose every target failed pre-flight is not a too-small corpus."""
+    pre = stats.get("preflight", {})
+    if not pre.get("targets_rejected"):
+        return "corpus: the teacher produced no rows; raise corpus.prompts_per_capability"
+    reasons = Counter()
+    for by_reason in pre.get("rejected_by_reason", {}).values():
+        reasons.update(by_reason)
+    shown = ", ".join(f"{r} {n}" for r, n in reasons.most_common(4))
+    return (f"corpus: the teacher's answers are unusable: {pre['targets_rejected']} of {pre['targets_checked']} "
+            f"targets failed pre-flight ({shown}) and no prompt kept a valid row; check that corpus.teacher.model "
+            f"('{section.teacher.model}') follows the prompt rules (corpus.teacher.prompts_dir), or raise "
+            "corpus.teacher.resamples")
 
 
 def _with_replay(rows: list[dict], stats: dict, section: Any, home: str) -> tuple[list[dict], dict]:

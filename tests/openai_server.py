@@ -9,13 +9,16 @@ inside `completion_tokens`), and the Batch API (`POST /v1/files`, `POST /v1/batc
 Answers are a pure function of the request: the server reads the rule lines the corpus prompt
 templates carry ("Mention at least one of these words: ...", "Answer content: ...", the style
 hint) and writes a target that passes pre-flight, so an interrupted run and an uninterrupted one
-get identical answers. Faults are injected on request: a list consumed in arrival order (`faults`)
-and a deterministic per-request hook (`fault_fn`). Outcomes: ok, 429 (with retry-after), 500, 503,
-timeout (sleeps past the client's timeout), drop (closes the connection unanswered), malformed
-(cut JSON), html (a non-JSON 200), empty (no choices), length (truncated), bad (an answer that
-breaks the rules, for pre-flight). Every request is logged with its key and outcome.
+get identical answers. Faults are injected on request: a list consumed in arrival order (`faults`),
+a deterministic per-request hook (`fault_fn`), and a rate (`fault_rate` of requests, drawn from
+`fault_mix` by a hash of the key and its attempt number, so a load test is reproducible).
+Outcomes: ok, 429 (with retry-after), 500, 503, timeout (sleeps past the client's timeout), drop
+(closes the connection unanswered), malformed (cut JSON), html (a non-JSON 200), empty (no
+choices), length (truncated), bad (an answer that breaks the rules, for pre-flight). Every request
+is logged with its key and outcome.
 
-Run alone (for the benchmark): `python tests/openai_server.py --latency 0.1` prints its base URL.
+Run alone (for the benchmarks): `python tests/openai_server.py --latency 0.1` prints its base URL; the key
+it wants comes from $FAKE_OPENAI_KEY and `GET /v1/_stats` returns its counts.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import email.parser
 import hashlib
 import json
 import math
+import os
 import re
 import threading
 import time
@@ -79,6 +83,8 @@ class FakeOpenAI:
         batch_polls: int = 1,
         batch_item_faults: int = 0,
         refuse: Iterable[str] = (),
+        fault_rate: float = 0.0,
+        fault_mix: Iterable[str] = ("429", "500", "timeout", "malformed"),
     ):
         self.latency_s, self.api_key = latency_s, api_key
         self.faults = list(faults)
@@ -87,6 +93,8 @@ class FakeOpenAI:
         self.json_schema, self.reasoning_tokens = json_schema, reasoning_tokens
         self.batch_polls, self.batch_item_faults = batch_polls, batch_item_faults
         self.refuse = set(refuse)  # body parameters answered with a 400, as newer OpenAI models do
+        self.fault_rate, self.fault_mix = fault_rate, tuple(fault_mix)
+        self.attempts: Counter[str] = Counter()  # chat requests seen per key
         self.hold_batches = threading.Event()  # set: batches stay in progress
         self.lock = threading.Lock()
         self.log: list[dict[str, Any]] = []  # one entry per chat request: key, outcome, time
@@ -143,8 +151,14 @@ class FakeOpenAI:
     def decide(self, key: str, body: dict[str, Any]) -> str:
         with self.lock:
             outcome = self.faults.pop(0) if self.faults else None
+            self.attempts[key] += 1
+            attempt = self.attempts[key]
         if outcome is None and self.fault_fn is not None:
             outcome = self.fault_fn(key, body)
+        if outcome is None and self.fault_rate:
+            draw = int(hashlib.sha256(f"{key}:{attempt}".encode()).hexdigest()[:12], 16) / 16**12
+            if draw < self.fault_rate:
+                outcome = self.fault_mix[int(draw / self.fault_rate * len(self.fault_mix))]
         return outcome or "ok"
 
     def completion(self, body: dict[str, Any], outcome: str) -> dict[str, Any]:
@@ -267,9 +281,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": {"message": f"no route {self.path}"}})
 
     def do_GET(self) -> None:  # noqa: N802
+        fake = self.fake
+        if self.path.endswith("/_stats"):  # the server's own counts, for a client in another process
+            with fake.lock:
+                self._send(200, {"outcomes": dict(fake.outcomes), "answered": dict(fake.answered()),
+                                 "requests": len(fake.log)})
+            return
         if not self._authorised():
             return
-        fake = self.fake
         m = re.search(r"/batches/([^/]+)$", self.path)
         if m and m.group(1) in fake.batches:
             batch = fake.batches[m.group(1)]
@@ -373,8 +392,12 @@ class _Handler(BaseHTTPRequestHandler):
 def main() -> None:
     parser = argparse.ArgumentParser(description="a fake OpenAI-compatible server on 127.0.0.1 (for benchmarks)")
     parser.add_argument("--latency", type=float, default=0.1, help="seconds each chat answer takes")
+    parser.add_argument("--fault-rate", type=float, default=0.0, help="share of chat requests given a fault")
+    parser.add_argument("--timeout-sleep", type=float, default=1.0, help="how long a 'timeout' fault hangs")
     args = parser.parse_args()
-    with FakeOpenAI(latency_s=args.latency) as fake:
+    api_key = os.environ.get("FAKE_OPENAI_KEY")  # never on the command line (ps shows it)
+    with FakeOpenAI(latency_s=args.latency, api_key=api_key, fault_rate=args.fault_rate,
+                    timeout_sleep_s=args.timeout_sleep) as fake:
         print(fake.base_url, flush=True)
         try:
             threading.Event().wait()

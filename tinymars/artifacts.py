@@ -4,10 +4,16 @@ A stage output lives at `ROOT/<stage>/<key>/` with a `manifest.json` listing eve
 It is built in a temporary folder and renamed into place only once complete, so a crash or a
 kill never leaves a folder under a key that a rerun would trust; on every reuse the files are
 re-hashed, and a folder that no longer matches its manifest is moved aside and rebuilt.
+
+Volatile files: a builder may name files whose bytes legitimately differ between two builds from
+the same inputs (wall-clock figures such as tokens/s). They are listed in the manifest under
+`volatile`, verified like every other file (a flipped byte is still caught), but left out of the
+content hash, so an identical rebuild keeps its identity and everything downstream stays cached.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -74,6 +80,7 @@ class Artifact:
     files: dict[str, dict[str, Any]]
     rows: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    volatile: list[str] = field(default_factory=list)  # verified, but not part of content_hash
 
     def file(self, name: str) -> Path:
         if name not in self.files:
@@ -92,6 +99,24 @@ class ArtifactCorrupt(RuntimeError):
     pass
 
 
+class DiskFull(OSError):
+    """A write failed for lack of space (or a file size limit); the message names the file and the fix."""
+
+
+_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_FULL_TEXTS = ("No space left on device", "File too large", "Disk quota exceeded")
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether `exc` is a full disk / size limit (libraries such as safetensors wrap the OSError in their own)."""
+    return getattr(exc, "errno", None) in _FULL_ERRNOS or any(t in str(exc) for t in _FULL_TEXTS)
+
+
+def disk_full(path: Path | str, exc: BaseException) -> DiskFull:
+    return DiskFull(f"disk full or file size limit reached while writing {path} ({exc}); free space there (or "
+                    "raise the limit) and rerun: finished stages stay cached and nothing half-written is kept")
+
+
 def _manifest_files(folder: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for f in sorted(folder.rglob("*")):
@@ -100,8 +125,10 @@ def _manifest_files(folder: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _content_hash(stage: str, files: dict[str, dict[str, Any]]) -> str:
-    return hash_json({"stage": stage, "files": {k: v["sha256"] for k, v in files.items()}})
+def _content_hash(stage: str, files: dict[str, dict[str, Any]], volatile: Iterable[str] = ()) -> str:
+    """The artifact's identity: every file's sha256 except the volatile ones (wall-clock figures)."""
+    skip = set(volatile)
+    return hash_json({"stage": stage, "files": {k: v["sha256"] for k, v in files.items() if k not in skip}})
 
 
 def verify(folder: Path) -> Artifact:
@@ -109,20 +136,21 @@ def verify(folder: Path) -> Artifact:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
-        raise ArtifactCorrupt(f"{folder}: manifest unreadable ({exc})") from None
-    problems = []
+        raise ArtifactCorrupt(f"{folder / MANIFEST}: missing or unreadable ({type(exc).__name__})") from None
+    problems = []  # each names the damaged file by its full path, so the warning says where to look
     for rel, info in manifest["files"].items():
         f = folder / rel
         if not f.is_file():
-            problems.append(f"{rel}: missing")
+            problems.append(f"{f}: missing")
         elif f.stat().st_size != info["bytes"]:
-            problems.append(f"{rel}: size {f.stat().st_size} != {info['bytes']}")
+            problems.append(f"{f}: size {f.stat().st_size} != {info['bytes']} bytes in the manifest")
         elif sha256_file(f) != info["sha256"]:
-            problems.append(f"{rel}: sha256 mismatch")
-    if _content_hash(manifest["stage"], manifest["files"]) != manifest["content_hash"]:
-        problems.append("manifest: content hash does not match its file list")
+            problems.append(f"{f}: sha256 mismatch")
+    volatile = manifest.get("volatile", [])
+    if _content_hash(manifest["stage"], manifest["files"], volatile) != manifest["content_hash"]:
+        problems.append(f"{folder / MANIFEST}: content hash does not match its file list")
     if problems:
-        raise ArtifactCorrupt(f"{folder}: " + "; ".join(problems))
+        raise ArtifactCorrupt("; ".join(problems))
     return Artifact(
         stage=manifest["stage"],
         key=manifest["key"],
@@ -131,6 +159,7 @@ def verify(folder: Path) -> Artifact:
         files=manifest["files"],
         rows=manifest.get("rows"),
         meta=manifest.get("meta", {}),
+        volatile=list(volatile),
     )
 
 
@@ -144,9 +173,9 @@ class ArtifactStore:
     def lookup(self, stage: str, key: str, warn: Callable[[str], object] | None = None) -> Artifact | None:
         """A verified artifact under this key, or None; a corrupt one is quarantined with a warning."""
         folder = self.folder(stage, key)
-        if not (folder / MANIFEST).exists():
+        if not folder.exists():
             return None
-        try:
+        try:  # a folder under a key without a manifest was damaged after publishing (build writes it first)
             return verify(folder)
         except ArtifactCorrupt as exc:
             aside = folder.with_name(f".corrupt-{key}-{int(time.time())}-{uuid.uuid4().hex[:6]}")
@@ -165,7 +194,9 @@ class ArtifactStore:
         inputs: dict[str, str] | None = None,
         replace: bool = False,
     ) -> Artifact:
-        """Run `builder(tmp_folder)`; it returns `{"rows": n, "meta": {...}}` or None. Atomic publish.
+        """Run `builder(tmp_folder)` and publish the folder atomically under the key.
+
+        The builder returns None or `{"rows": n, "meta": {...}, "volatile": [file, ...]}` (see the module doc).
 
         `replace` (a forced rebuild) swaps out a folder already under the key; otherwise a folder
         another run published first wins, if it verifies.
@@ -177,12 +208,16 @@ class ArtifactStore:
         try:
             info = builder(tmp) or {}
             files = _manifest_files(tmp)
+            volatile = sorted(info.get("volatile", []))
+            if unknown := set(volatile) - set(files):
+                raise ValueError(f"{stage}: volatile file(s) {sorted(unknown)} were not written")
             manifest = {
                 "format": FORMAT,
                 "stage": stage,
                 "key": key,
-                "content_hash": _content_hash(stage, files),
+                "content_hash": _content_hash(stage, files, volatile),
                 "files": files,
+                "volatile": volatile,
                 "rows": info.get("rows"),
                 "meta": info.get("meta", {}),
                 "inputs": inputs or {},
@@ -205,8 +240,13 @@ class ArtifactStore:
                 os.rename(tmp, final)
             _fsync_dir(parent)
             return verify(final)
-        except BaseException:
+        except BaseException as exc:
+            full = out_of_space(exc) and not isinstance(exc, DiskFull)
+            # the file being written when space ran out: the newest one in the build folder
+            where = full and (getattr(exc, "filename", None) or _newest_file(tmp))
             shutil.rmtree(tmp, ignore_errors=True)
+            if full:
+                raise disk_full(f"{where} (building the {stage} artifact)", exc) from None
             raise
 
     def sweep_temporaries(self, older_than_s: float = 3600) -> int:
@@ -222,10 +262,16 @@ class ArtifactStore:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if out_of_space(exc):
+            raise disk_full(path, exc) from None
+        raise
     os.replace(tmp, path)
 
 
@@ -233,6 +279,11 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     """Write a file so that readers see either the old content or the new, never half."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(Path(path), data.encode() if isinstance(data, str) else data)
+
+
+def _newest_file(folder: Path) -> Path:
+    files = [f for f in folder.rglob("*") if f.is_file()]
+    return max(files, key=lambda f: f.stat().st_mtime_ns) if files else folder
 
 
 def _fsync_dir(folder: Path) -> None:

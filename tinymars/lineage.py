@@ -1,8 +1,13 @@
 """The one lineage store: runs, stages, artifacts, parent edges, metrics and teacher calls in DuckDB.
 
-Only the flow process writes (tasks hand their records back). DuckDB allows one writing process
-per file, so each write opens a short-lived connection and retries while another process holds
-the lock; nothing keeps the file open between writes, and two runs can share one database.
+Only the flow process writes (tasks hand their records back). DuckDB allows one process per file
+while it is open for writing, so each write (and each read) opens a short-lived connection and
+retries with jittered backoff while another process holds the lock; nothing keeps the file open
+between calls, so two runs, and readers like `tinymars runs` / `cost`, can share one database.
+A write is one transaction, so it lands whole or not at all; bulk rows (teacher calls, metrics) go
+in as one Arrow batch, so even a 10,000-call corpus holds the lock for well under a second. A lock
+that never frees (a shell left open on the file) ends in LineageLocked naming the file, after
+`lock_timeout_s`. See ARCHITECTURE.md "Concurrent runs".
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -42,6 +48,42 @@ CREATE TABLE IF NOT EXISTS teacher_calls (
     price_usd DOUBLE, latency_s DOUBLE, status VARCHAR, attempt INTEGER, cache_hit BOOLEAN,
     error VARCHAR, created_at TIMESTAMP);
 """
+
+
+# Arrow types of the bulk-inserted tables' columns (named in SCHEMA).
+BATCH_TABLES: dict[str, list[tuple[str, pa.DataType]]] = {
+    "metrics": [("run_id", pa.string()), ("stage", pa.string()), ("name", pa.string()), ("key", pa.string()),
+                ("value", pa.float64()), ("step", pa.int64()), ("artifact_hash", pa.string())],
+    "teacher_calls": [
+        ("run_id", pa.string()), ("call_key", pa.string()), ("capability", pa.string()), ("model", pa.string()),
+        ("endpoint", pa.string()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
+        ("cached_tokens", pa.int64()), ("reasoning_tokens", pa.int64()), ("price_usd", pa.float64()),
+        ("latency_s", pa.float64()), ("status", pa.string()), ("attempt", pa.int32()), ("cache_hit", pa.bool_()),
+        ("error", pa.string()), ("created_at", pa.timestamp("us"))],
+}
+TEACHER_CALL_COLUMNS = [c for c, _ in BATCH_TABLES["teacher_calls"] if c not in ("run_id", "created_at")]
+
+
+def _insert_batch(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]]) -> None:
+    """Insert rows as one Arrow batch: row-at-a-time INSERTs take ~1.5 ms each, which for a big corpus's
+    teacher calls would hold the database lock (and block every other run) for many seconds."""
+    if not rows:
+        return
+    schema = pa.schema(BATCH_TABLES[table])
+
+    def column(name: str, kind: pa.DataType) -> pa.Array:
+        values = [r.get(name) for r in rows]
+        if kind == pa.string():  # what DuckDB's VARCHAR would have cast (an int error code, say)
+            values = [None if v is None else str(v) for v in values]
+        return pa.array(values, type=kind)
+
+    batch = pa.table({f.name: column(f.name, f.type) for f in schema}, schema=schema)
+    con.register("_batch", batch)
+    try:
+        cols = ", ".join(schema.names)
+        con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _batch")
+    finally:
+        con.unregister("_batch")
 
 
 def now() -> datetime:
@@ -144,24 +186,17 @@ class Lineage:
                     con.execute(
                         "INSERT INTO edges VALUES (?, ?) ON CONFLICT DO NOTHING", [parent, art["content_hash"]]
                     )
-            for m in result.get("metrics", []):
-                con.execute(
-                    "INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        run_id, result["stage"], result.get("name", result["stage"]), m["key"],
-                        float(m["value"]), m.get("step"), art["content_hash"] if art else None,
-                    ],
-                )
-            for c in result.get("teacher_calls", []):
-                con.execute(
-                    "INSERT INTO teacher_calls VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        run_id, c.get("call_key"), c.get("capability"), c.get("model"), c.get("endpoint"),
-                        c.get("prompt_tokens"), c.get("completion_tokens"), c.get("cached_tokens"),
-                        c.get("reasoning_tokens"), c.get("price_usd"), c.get("latency_s"), c.get("status"),
-                        c.get("attempt"), c.get("cache_hit"), c.get("error"), now(),
-                    ],
-                )
+            name = result.get("name", result["stage"])
+            _insert_batch(con, "metrics", [
+                {"run_id": run_id, "stage": result["stage"], "name": name, "key": m["key"], "value": float(m["value"]),
+                 "step": m.get("step"), "artifact_hash": art["content_hash"] if art else None}
+                for m in result.get("metrics", [])
+            ])
+            created = now()
+            _insert_batch(con, "teacher_calls", [
+                {**{col: c.get(col) for col in TEACHER_CALL_COLUMNS}, "run_id": run_id, "created_at": created}
+                for c in result.get("teacher_calls", [])
+            ])
             con.execute("COMMIT")
 
     # ------------------------------------------------------------ queries
