@@ -1,4 +1,4 @@
-"""The iteration flow: corpus -> channels -> tokenizer -> pack -> train -> eval -> report.
+"""The iteration flow: corpus -> channels -> tokenizer -> pack -> train -> steer -> eval -> report.
 
 Composition only: each task builds or reuses a content-addressed artifact and hands back a
 record; this flow process is the only writer of the lineage database.
@@ -21,6 +21,7 @@ from tasks.corpus import corpus_task
 from tasks.eval import eval_task
 from tasks.pack import pack_task
 from tasks.report import report_task
+from tasks.steering import steer_applies, steer_task
 from tasks.tokenizer import tokenizer_task
 from tasks.train import train_task
 from tinymars.lineage import Lineage
@@ -121,7 +122,9 @@ def iteration(
         else:
             trained = {spec.name: step(f"train:{spec.name}", train_task, pack, spec) for spec in prof.train.models}
         stop_after("train")
-        evaluation = step("eval", eval_task, corpus, channels, tokenizer, pack, trained)
+        steer = step("steer", steer_task, corpus, tokenizer, trained) if steer_applies(prof) else None
+        stop_after("steer")
+        evaluation = step("eval", eval_task, corpus, channels, tokenizer, pack, trained, steer)
         stop_after("eval")
         report = step("report", report_task, corpus, pack, trained, evaluation)
     except StopAfter:

@@ -5,6 +5,9 @@ Arms (the prompt rows are identical across arms; only what carries the state cha
 - `ablated`: channels zeroed, the plain prompt (the text-only path of the same model).
 - `text`: channels zeroed, the same state written into the prompt
   (`corpus.encode.state_as_prompt_text`): does the channel do what a few prompt tokens do?
+- `steer`: channels zeroed, the plain prompt, the state added to the residual stream by activation
+  addition (models.steer_hook): does the channel do what a steering vector does? Only rows of the
+  directional concepts (affect / time / ethics) are generated: a selection state has no direction.
 
 Follow-up turns (persistence): turn k's prompt is turn k-1's prompt, its response and a fixed
 follow-up line, with the arm's channel still set; the scorer asks whether the effect survives.
@@ -25,8 +28,9 @@ import torch
 
 from corpus.encode import state_as_prompt_text
 from models.generate import GREEDY, Sampling, generate
+from models.steer_hook import SteerArm
 
-ARMS = ("mars", "ablated", "text")
+ARMS = ("mars", "ablated", "text", "steer")
 FOLLOWUP_ARMS = ("mars", "ablated")
 
 
@@ -56,7 +60,7 @@ def channel_tensor(mats: dict[str, np.ndarray], names: list[str], dim: int, inde
 
 
 def arm_prompt(row: dict[str, Any], arm: str) -> str:
-    """The prompt text an arm sends: the row's prompt, preceded by the written state for `text`."""
+    """The prompt text an arm sends: the row's prompt, preceded by the written state for `text` (`steer`: plain)."""
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; allowed: {', '.join(ARMS)}")
     if arm != "text":
@@ -88,10 +92,17 @@ def generate_arms(
     fixed_shape: bool = False,
     followup_turns: int = 0,
     followup: str = "",
+    steer: SteerArm | None = None,
 ) -> list[dict[str, Any]]:
-    """One record per (row, arm, turn): the response and everything a scorer needs to re-score it offline."""
+    """One record per (row, arm, turn): the response and everything a scorer needs to re-score it offline.
+
+    The `steer` arm needs `steer` (models.steer_hook.load_steer_arm) and answers only the rows it covers.
+    """
+    if "steer" in arms and steer is None:
+        raise ValueError("arm 'steer' needs the steering readout (steer=load_steer_arm(...))")
     model.eval()
     real = channel_tensor(mats, names, dim, index)
+    answered = {arm: [j for j, i in enumerate(index) if arm != "steer" or steer.covers(rows[i])] for arm in arms}
     texts = {arm: [arm_prompt(rows[i], arm) for i in index] for arm in arms}
     records = []
     for turn in range(followup_turns + 1):
@@ -100,11 +111,15 @@ def generate_arms(
         # one prompt length for every arm of a turn: with fixed shapes, one compiled graph serves them all
         prompt_len = max((len(p) for arm in turn_arms for p in ids[arm]), default=1)
         for arm in turn_arms:
-            chans = real if arm == "mars" else torch.zeros_like(real)
-            progress(f"turn {turn}: generating {len(index)} responses for arm {arm}")
-            outs = generate(model, ids[arm], chans, max_new_tokens, tok.eos_id, tok.pad_id, batch_size=batch_size,
-                            sampling=sampling, fixed_shape=fixed_shape, prompt_len=prompt_len)
-            for j, (i, new) in enumerate(zip(index, outs, strict=True)):
+            sel = answered[arm]
+            chans = (real if arm == "mars" else torch.zeros_like(real))[sel]
+            plan = steer.steering([rows[index[j]]["channel_state"] for j in sel]) if arm == "steer" else None
+            progress(f"turn {turn}: generating {len(sel)} responses for arm {arm}")
+            outs = generate(model, [ids[arm][j] for j in sel], chans, max_new_tokens, tok.eos_id, tok.pad_id,
+                            batch_size=batch_size, sampling=sampling, fixed_shape=fixed_shape, prompt_len=prompt_len,
+                            steer=plan)
+            for j, new in zip(sel, outs, strict=True):
+                i = index[j]
                 response = tok.decode(new)
                 records.append(_record(rows[i], arm, turn, texts[arm][j], response, len(ids[arm][j]), len(new)))
                 texts[arm][j] = followup_prompt(texts[arm][j], response, followup)

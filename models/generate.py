@@ -13,14 +13,20 @@ argmax(logits / T + Gumbel), which is exactly a sample from softmax(logits / T) 
 `fixed_shape=True` is for XLA (and torch.compile): every batch is padded to `batch_size` rows
 and one prompt length, the cache attends over its whole buffer, and every step runs (no
 data-dependent early stop), so the prefill and the step each compile once.
+
+`steer` (the STEER arm, models.steer_hook) adds a per-prompt vector to one block's output while a
+batch generates; padding rows of a fixed-shape batch get a zero vector.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from models.steer_hook import Steering, add_to_residual
 
 
 @dataclass(frozen=True)
@@ -48,17 +54,21 @@ GREEDY = Sampling()
 @torch.no_grad()
 def generate(model: nn.Module, prompts: list[list[int]], channels: Tensor | None, max_new_tokens: int,
              eos_id: int, pad_id: int, batch_size: int = 32, *, sampling: Sampling = GREEDY,
-             fixed_shape: bool = False, use_cache: bool = True, prompt_len: int | None = None) -> list[list[int]]:
+             fixed_shape: bool = False, use_cache: bool = True, prompt_len: int | None = None,
+             steer: Steering | None = None) -> list[list[int]]:
     """Continuations (new tokens only, eos excluded), in the order of `prompts`.
 
     `channels` is [N, C, D] aligned with prompts, or None (zeros: the ablated state).
     `use_cache=False` recomputes the whole sequence every step (the benchmark's reference).
     `prompt_len` (fixed shape only) pads every prompt to this length; default: the longest prompt.
+    `steer` adds its vector i to the residual stream of prompt i at every position (STEER arm).
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. bos)")
     if channels is not None and len(channels) != len(prompts):
         raise ValueError(f"{len(channels)} channel rows for {len(prompts)} prompts")
+    if steer is not None and len(steer.vectors) != len(prompts):
+        raise ValueError(f"{len(steer.vectors)} steering vectors for {len(prompts)} prompts")
     longest = max((len(p) for p in prompts), default=0)
     if prompt_len is not None and prompt_len < longest:
         raise ValueError(f"prompt_len {prompt_len} is shorter than the longest prompt ({longest} tokens)")
@@ -72,7 +82,10 @@ def generate(model: nn.Module, prompts: list[list[int]], channels: Tensor | None
         ch = channels[rows].to(device) if channels is not None else None
         batch = _Batch(rows, [prompts[i] for i in rows], ch, batch_size if fixed_shape else len(rows),
                        (prompt_len or longest) if fixed_shape else max(len(prompts[i]) for i in rows), pad_id)
-        new = _generate_batch(model, batch, max_new_tokens, eos_id, device, sampling, fixed_shape, use_cache)
+        hook = nullcontext() if steer is None else \
+            add_to_residual(model, steer.layer, steer.batch(rows, batch.idx.size(0)).to(device))
+        with hook:
+            new = _generate_batch(model, batch, max_new_tokens, eos_id, device, sampling, fixed_shape, use_cache)
         for i, tokens in zip(rows, new, strict=True):
             out[i] = tokens
     model.train(was_training)

@@ -110,3 +110,8 @@ def build_info(model: nn.Module) -> dict[str, Any]:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# Architectures in their own modules register themselves on import (after REGISTRY and register exist).
+import models.vocab_conv  # noqa: E402,F401  (arch "vocab_conv")
+import models.vocab_graph  # noqa: E402,F401  (arch "vocab_graph")

@@ -40,7 +40,8 @@ from tinymars.artifacts import hash_json
 __all__ = ["TrainConfig", "train", "heldout_loss", "load_model", "lr_at", "param_groups"]
 
 # Settings that change nothing a resumed run computes: left out of the checkpoint fingerprint.
-RESUME_NEUTRAL = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "device")
+RESUME_NEUTRAL = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "device", "time_budget_s",
+                  "eval_every_s")
 
 
 @dataclass(kw_only=True)
@@ -65,6 +66,10 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on accelerators, fp32 on CPU) | fp32 | bf16
     checkpoint_every: int = 0  # steps between checkpoints; 0 = none
     keep_checkpoints: int = 2
+    # Time-boxed runs (the architecture benchmark): stop once this many seconds were spent training (held-out
+    # evals not counted), and evaluate every eval_every_s training seconds; 0 = off. metrics.jsonl then has train_s.
+    time_budget_s: float = 0.0
+    eval_every_s: float = 0.0
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -291,18 +296,35 @@ class _Loop:
         start, n_acc = self.restore(loss_acc) if resume and self.ckpt_dir is not None else (0, 0)
         n_tok, t_last, t_start = 0, time.perf_counter(), None
         final_loss, held = float("nan"), None
+        timed = cfg.time_budget_s > 0 or cfg.eval_every_s > 0
+        t_begin, eval_s, next_eval_s, last = time.perf_counter(), 0.0, cfg.eval_every_s, start
         for step in range(start + 1, cfg.steps + 1):
             lr = self.step(step - 1, loss_acc)
             n_acc += 1
             n_tok += cfg.batch_size * self.seq_len
+            last = step
             t_start = t_start or time.perf_counter()  # first step (compile, warm-up) is not timed
-            evaluated = step % cfg.eval_every == 0 or step == cfg.steps
+            train_s = time.perf_counter() - t_begin - eval_s
+            out_of_time = 0 < cfg.time_budget_s <= train_s
+            eval_due = 0 < next_eval_s <= train_s
+            if timed and rt.world > 1:  # clocks differ across ranks: all must evaluate and stop at the same step
+                flags = rt.sum(torch.tensor([float(out_of_time), float(eval_due)], device=rt.device))
+                out_of_time, eval_due = bool(flags[0] > 0), bool(flags[1] > 0)
+            evaluated = step % cfg.eval_every == 0 or step == cfg.steps or out_of_time or eval_due
             if step % cfg.log_every == 0 or evaluated:
                 final_loss = float(rt.sum(loss_acc)) / n_acc  # mean train loss since the last line
+                tok_s = n_tok / max(time.perf_counter() - t_last, 1e-9)  # before the eval: it is not training
+                t_eval = time.perf_counter()
                 held = self.evaluate() if evaluated else None
-                self.write_metrics(step, lr, final_loss, n_tok / max(time.perf_counter() - t_last, 1e-9), held)
+                eval_s += time.perf_counter() - t_eval
+                if eval_due:  # the next multiple of eval_every_s after now
+                    next_eval_s = (train_s // cfg.eval_every_s + 1) * cfg.eval_every_s
+                self.write_metrics(step, lr, final_loss, tok_s, held, train_s if timed else None)
                 loss_acc.zero_()
                 n_acc, n_tok, t_last = 0, 0, time.perf_counter()  # eval time is not counted in tok/s
+            if out_of_time:
+                self.log(f"time budget {cfg.time_budget_s:g}s reached after step {step} ({train_s:.1f}s training)")
+                break
             if self.ckpt_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
                     and step < cfg.steps:
                 self.save_checkpoint(step, loss_acc, n_acc)
@@ -314,15 +336,19 @@ class _Loop:
         meta = save_model(self.model, self.out_dir, summary) if rt.is_main else summary
         rt.barrier("saved")
         elapsed = time.perf_counter() - (t_start or time.perf_counter())
-        steps_timed = max(cfg.steps - start - 1, 1)
+        steps_timed = max(last - start - 1, 1)
         # wall-clock figures are returned (and in metrics.jsonl) but never written into model files
         return {**meta, "timing": {"seconds_after_first_step": elapsed, "sec_per_step": elapsed / steps_timed,
+                                   "steps": last,
                                    "devices": rt.world, "device": rt.device_name, "resumed_at": start}}
 
-    def write_metrics(self, step: int, lr: float, loss: float, tok_s: float, held: dict[str, float] | None) -> None:
+    def write_metrics(self, step: int, lr: float, loss: float, tok_s: float, held: dict[str, float] | None,
+                      train_s: float | None = None) -> None:
         alpha, gates = _gates(self.model)
         record: dict[str, Any] = {"step": step, "loss": loss, "lr": lr, "tok_per_s": tok_s, "alpha_l2": alpha,
                                   "gates": gates}
+        if train_s is not None:
+            record["train_s"] = train_s
         line = f"step {step}/{self.cfg.steps} loss {loss:.3f} lr {lr:.1e} tok/s {tok_s:,.0f} alpha_l2 {alpha:.4f}"
         if self.flops_ratio is not None:
             record["mfu"] = tok_s * self.flops_ratio

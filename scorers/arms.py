@@ -1,8 +1,10 @@
-"""Channel vs text: the same state carried by the channel (MARS), written into the prompt (TEXT), or
-absent (ABLATED), on the same rows; and what writing it as text costs in prompt tokens.
+"""Channel vs text: the same state carried by the channel (MARS), written into the prompt (TEXT), added to
+the residual stream (STEER), or absent (ABLATED), on the same rows; and what writing it as text costs.
 
-Per capability and primary metric: each arm's success rate (Clopper-Pearson 95% CI), the paired
-difference for each arm pair (seeded paired-bootstrap 95% CI over the units both arms answered), and
+Per capability and primary metric: each arm's success rate (Clopper-Pearson 95% CI; an arm with no rows
+for a capability, e.g. STEER on selection, has n 0 and no rate), the paired difference for each arm pair
+(seeded paired-bootstrap 95% CI over the units both arms answered, and the exact McNemar p on its
+discordant units, so STEER vs ABLATED and MARS vs STEER get the test MARS vs ABLATED gets), and
 per arm the mean prompt / response tokens; `text_extra_prompt_tokens` is the mean, over rows both
 arms answered, of TEXT's prompt tokens minus MARS's.
 """
@@ -13,7 +15,7 @@ from typing import Any
 
 from scorers.outcomes import paired, turn_of, unit_scores
 from scorers.persistence import PRIMARY_METRIC
-from scorers.stats import bootstrap_mean_ci, clopper_pearson
+from scorers.stats import bootstrap_mean_ci, clopper_pearson, mcnemar_exact
 
 
 def _mean(values: list[float]) -> float | None:
@@ -57,8 +59,11 @@ def score_arms(records: list[dict[str, Any]], groups: list[tuple[str, str]], arm
         for a, b in pairs:
             _, xa, xb = paired(scores, a, b)
             diffs = [float(x) - float(y) for x, y in zip(xa, xb, strict=True)]
+            only_a, only_b = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
             deltas[f"{a}-{b}"] = {"n": len(diffs), "delta": _mean(diffs),
-                                  "ci95": bootstrap_mean_ci(diffs, seed=seed, resamples=resamples)}
+                                  "ci95": bootstrap_mean_ci(diffs, seed=seed, resamples=resamples),
+                                  "discordant": [only_a, only_b],
+                                  "p": mcnemar_exact(only_a, only_b) if diffs else None}
         recs = [r for r in first if r["capability"] == cap and r["kind"] == kind]
         out.append({"capability": cap, "kind": kind, "metric": metric, "arms": per_arm, "deltas": deltas,
                     "tokens": _tokens(recs, arms)})

@@ -3,7 +3,8 @@
 A record: ``{row_id, prompt_id, capability, kind, arm, turn, channel, pole, text_pole, salient_item, items,
 channel_state, prompt, response, prompt_tokens, response_tokens}`` (`turn` absent means 0). Arms are
 paired on the same rows: ``mars`` (real channel) against ``ablated`` (channel zeroed); any further
-arm (``text``: the state written into the prompt) is scored alongside.
+arm (``text``: the state written into the prompt; ``steer``: the state added to the residual stream,
+which covers only affect / time / ethics rows) is scored alongside, on the rows it has.
 
 - selection: `dominant` per row; paired exact McNemar on rows present in both arms.
 - register: per arm and prompt, the + and - responses; directional wins / losses / ties, reliability
@@ -39,10 +40,11 @@ __all__ = ["CAPABILITY_ORDER", "DEFAULT_SETTINGS", "format_markdown", "score_all
 
 CAPABILITY_ORDER = ("memory", "identity", "continuity", "affect", "time", "ethics")
 BASE_ARMS = ("mars", "ablated")
+ARM_ORDER = (*BASE_ARMS, "text", "steer")  # report order; an arm unknown here comes after, sorted
 
 
 def _arm_order(arms: set[str]) -> list[str]:
-    return [a for a in BASE_ARMS if a in arms] + sorted(arms - set(BASE_ARMS))
+    return [a for a in ARM_ORDER if a in arms] + sorted(arms - set(ARM_ORDER))
 
 
 def _mean(values: list[float]) -> float | None:
@@ -215,7 +217,7 @@ def score_generations(records: list[dict[str, Any]], alpha: float = 0.01) -> dic
 
 
 KINDS = ("selection", "register", "conflict")
-ARM_PAIRS = (("mars", "ablated"), ("mars", "text"), ("text", "ablated"))
+ARM_PAIRS = (("mars", "ablated"), ("mars", "text"), ("text", "ablated"), ("steer", "ablated"), ("mars", "steer"))
 DEFAULT_SETTINGS: dict[str, Any] = {"alpha": 0.01, "hypotheses": [], "bootstrap_seed": 0,
                                     "bootstrap_resamples": 2000, "persistence_segments": 3}
 
@@ -261,4 +263,6 @@ def score_all(records: list[dict[str, Any]], settings: dict[str, Any] | None = N
         "similarity": score_similarity(records, list(capabilities), pairs),
         "relief": score_relief(meas.get("relief", {}), meas.get("model")),
         "gates": _gates(meas.get("gates")),
+        # how the STEER arm was injected (layer, multiplier, ...); absent for runs without it (old scores re-check)
+        **({"steer": meas["steer"]} if meas.get("steer") else {}),
     }

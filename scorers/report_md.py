@@ -67,20 +67,29 @@ def hypotheses_section(hypotheses: list[dict[str, Any]]) -> list[str]:
                      "verdict"], rows), ""]
 
 
+def _delta(d: dict[str, Any]) -> str:
+    """A paired difference of rates: +x pp [95% CI] and the exact McNemar p (when there were units)."""
+    value = "–" if d.get("delta") is None else f"{100 * d['delta']:+.1f} pp"
+    return value + _interval(d.get("ci95"), True) + ("" if d.get("p") is None else f" p {_p(d['p'])}")
+
+
+_STEER_NOTE = (" STEER carries only the directional concepts (affect, time, ethics): it has no selection rows, "
+               "so its selection cells are empty.")
+
+
 def channel_vs_text_section(rows: list[dict[str, Any]], arms: list[str]) -> list[str]:
     if not rows:
         return []
     pairs = list(rows[0]["deltas"])
     header = ["capability", "kind", "metric", *[f"{a} rate [95% CI]" for a in arms],
-              *[f"{p} [95% CI]" for p in pairs], *[f"{a} prompt tok" for a in arms]]
+              *[f"{p} [95% CI] McNemar p" for p in pairs], *[f"{a} prompt tok" for a in arms]]
     if "text" in arms:
         header.append("text: extra prompt tok")
     body = []
     for r in rows:
         line = [r["capability"], r["kind"], r["metric"]]
         line += [_pct(r["arms"][a]["rate"]) + _interval(r["arms"][a]["ci95"], True) for a in arms]
-        line += [("–" if d["delta"] is None else f"{100 * d['delta']:+.1f} pp") + _interval(d["ci95"], True)
-                 for d in r["deltas"].values()]
+        line += [_delta(d) for d in r["deltas"].values()]
         line += [_num(r["tokens"][a]["mean_prompt_tokens"], 1) for a in arms]
         if "text" in arms:
             line.append(_num(r["tokens"]["text_extra_prompt_tokens"], 1))
@@ -88,8 +97,40 @@ def channel_vs_text_section(rows: list[dict[str, Any]], arms: list[str]) -> list
     title = "## Channel vs text" if "text" in arms else "## Arms side by side"
     return [title, "",
             "Success rate of each arm on the same rows (primary metric: dominant / directional / follows the "
-            "channel), paired differences with a seeded paired-bootstrap 95% CI, and the prompt tokens each "
-            "arm spends.", "", *_table(header, body), ""]
+            "channel), paired differences with a seeded paired-bootstrap 95% CI and the exact McNemar p on the "
+            "discordant units, and the prompt tokens each arm spends." + _STEER_NOTE * ("steer" in arms), "",
+            *_table(header, body), ""]
+
+
+def steer_section(scores: dict[str, Any]) -> list[str]:
+    """STEER next to the other arms on the directional concepts: how it was injected, then per capability
+    the directional rate (sign test p) of every arm, and the paired McNemar p of STEER vs ABLATED and MARS vs STEER."""
+    if "steer" not in scores["arms"]:
+        return []
+    cfg = scores.get("steer") or {}
+    how = (f"layer {cfg['layer']} ({cfg.get('layer_rule', '')}), multiplier {cfg['multiplier']}, method "
+           f"`{cfg.get('method')}`, mean residual norm at that layer {_num(cfg.get('layer_norm'), 2)}") if cfg else \
+        "injection settings not recorded"
+    arms = scores["arms"]
+    rows = []
+    for r in scores["channel_vs_text"]:
+        if r["kind"] == "selection":
+            continue
+        block = scores["capabilities"].get(r["capability"], {})
+        tests = block.get("arms", {}) if r["kind"] == "register" else block.get("conflict", {}).get("arms", {})
+        cells = [_pct(r["arms"][a]["rate"]) + ("" if a not in tests else f" (p {_p(tests[a]['p'])})") for a in arms]
+        rows.append([r["capability"], r["kind"], r["arms"]["steer"]["n"], *cells,
+                     *[_delta(r["deltas"].get(k, {})) for k in ("steer-ablated", "mars-steer")]])
+    return ["## STEER arm (activation addition)", "",
+            "The native model with channels zeroed and the plain prompt (as ABLATED), the row's state added to the "
+            "residual stream at every position: multiplier x concept coefficient (the row's place between the "
+            f"concept's poles, in [-1, 1]) x mean residual norm x unit direction. Injected at {how}. STEER carries "
+            "only the directional concepts (affect, time, ethics); memory / identity / continuity rows get no "
+            "STEER generation. Rate = directional (register) or follows the channel (conflict); p in brackets is "
+            "the per-arm sign test (register) or binomial vs 0.5 (conflict); the last two columns are paired "
+            "differences [95% CI] with the exact McNemar p.", "",
+            *_table(["capability", "kind", "n", *[f"{a} rate" for a in arms], "steer - ablated", "mars - steer"],
+                    rows), ""]
 
 
 def persistence_section(p: dict[str, Any]) -> list[str]:
@@ -150,12 +191,13 @@ def gates_section(g: dict[str, Any]) -> list[str]:
 
 
 def format_evaluation(scores: dict[str, Any]) -> str:
-    """Hypotheses, per-capability tables, channel vs text, persistence, distances, relief valve, gates."""
+    """Hypotheses, per-capability tables, channel vs text, the STEER arm, persistence, distances, relief, gates."""
     parts = hypotheses_section(scores["hypotheses"])
     model = f" (model `{scores['model']}`)" if scores["model"] else ""
     parts += [f"## Evaluation: MARS vs ABLATED{model}", "",
               format_markdown(scores["capabilities"]).rstrip(), ""]
     parts += channel_vs_text_section(scores["channel_vs_text"], scores["arms"])
+    parts += steer_section(scores)
     parts += persistence_section(scores["persistence"])
     parts += similarity_section(scores["similarity"])
     parts += relief_section(scores["relief"])

@@ -33,8 +33,12 @@ STAGE_SOURCES: dict[str, tuple[str, ...]] = {
         "models/config.py", "models/gpt.py", "models/registry.py", "models/data.py", "models/trainer.py",
         "models/adapter.py", "models/checkpoint.py", "models/distributed.py", "models/sizing.py",
         "models/launch.py", "models/train_cli.py", "tasks/train.py",
+        "models/vocab_common.py", "models/vocab_graph.py", "models/vocab_conv.py",
     ),
-    "eval": ("models", "scorers", "corpus/tokenizer.py", "corpus/encode.py", "tasks/eval.py"),
+    "steer": ("corpus/concepts.py", "corpus/encode.py", "corpus/tokenizer.py", "models/activations.py",
+              "models/steering.py", "models/adapter.py", "models/checkpoint.py", "models/config.py",
+              "models/gpt.py", "models/registry.py", "scorers/concept_quality.py", "tasks/steering.py"),
+    "eval": ("models", "scorers", "corpus/tokenizer.py", "corpus/encode.py", "corpus/concepts.py", "tasks/eval.py"),
     "report": ("scorers", "tasks/report.py", "tasks/report_html.py", "tasks/report_plots.py"),
 }
 
@@ -69,7 +73,13 @@ def run_stage(
     input_hashes = {k: a.content_hash for k, a in inputs.items()}
     key = stage_key(stage, stage_code_version(stage), section, input_hashes)
     t0 = time.perf_counter()
-    artifact = None if force else store.lookup(stage, key, warn=log.warning)
+    failed_verification: list[str] = []  # a quarantined folder is named in the stage's lineage row
+
+    def warn(message: str) -> None:
+        log.warning(message)
+        failed_verification.append(message)
+
+    artifact = None if force else store.lookup(stage, key, warn=warn)
     hit = artifact is not None
     if hit:
         log.info(f"[{label}] cache hit {key[:12]} -> {artifact.path}")
@@ -94,6 +104,7 @@ def run_stage(
         "key": key,
         "cache_hit": hit,
         "status": "completed",
+        "error": f"rebuilt: {failed_verification[0]}"[:2000] if failed_verification else None,
         "duration_s": duration,
         "artifact": artifact.to_dict(),
         "inputs": input_hashes,

@@ -5,6 +5,9 @@ The artifact holds everything `tinymars score` needs to reproduce the scores wit
 - `settings.json`: the scoring settings the profile pre-registered (alpha, hypotheses, bootstrap seed);
 - `measurements.json`: what needed the model (held-out losses per model, the ReZero gates);
 - `scores.json`: `scorers.evaluate.score_all(generations, settings, measurements)`.
+
+With the `steer` arm the steer stage's readout is an input, and the arm's injection settings
+(steering.arm_layer, steering.multiplier) join the eval key: they change the generations, not the readout.
 """
 
 from __future__ import annotations
@@ -50,15 +53,24 @@ def eval_task(
     tokenizer: dict[str, Any],
     pack: dict[str, Any],
     trained: dict[str, dict[str, Any]],
+    steer: dict[str, Any] | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     section = profile.eval
     target = profile.eval_model()
+    steering = "steer" in section.arms
+    if steering and steer is None:
+        raise ValueError("eval.arms lists 'steer' but no steer artifact was built; set steering.enabled: true "
+                         "or remove 'steer' from eval.arms")
     inputs = {
         "corpus": artifact_of(corpus), "channels": artifact_of(channels),
         "tokenizer": artifact_of(tokenizer), "pack": artifact_of(pack),
         **{f"model:{name}": artifact_of(res) for name, res in sorted(trained.items())},
+        **({"steer": artifact_of(steer)} if steering else {}),
     }
+    key_section = profile.section("eval")
+    if steering:
+        key_section["steer_arm"] = {"arm_layer": profile.steering.arm_layer, "multiplier": profile.steering.multiplier}
 
     def build(out: Path) -> dict[str, Any]:
         import torch
@@ -67,6 +79,7 @@ def eval_task(
         from models.data import load_split
         from models.eval_arms import generate_arms, select_eval_rows
         from models.generate import Sampling
+        from models.steer_hook import load_steer_arm
         from models.trainer import heldout_loss, load_model
         from scorers.evaluate import score_all
 
@@ -80,13 +93,18 @@ def eval_task(
 
         index = select_eval_rows(rows, section.max_prompts_per_capability)
         s = section.sampling
+        arm = load_steer_arm(Path(inputs["steer"].path), profile.steering.arm_layer,
+                             profile.steering.multiplier) if steering else None
+        if arm is not None:
+            log.info(f"[eval] steer arm: layer {arm.layer} ({arm.layer_rule}), multiplier {arm.multiplier}, "
+                     f"method {arm.method}, layer norm {arm.layer_norm:.2f}")
         records = generate_arms(
             models[target], tok, rows, mats, meta["channel_names"], meta["channel_dim"], index,
             list(section.arms), section.max_new_tokens, section.batch_size,
             progress=lambda m: log.info(f"[eval] {m}"),
             sampling=Sampling(temperature=s.temperature, top_k=s.top_k, seed=s.seed),
             fixed_shape=section.fixed_shape, followup_turns=section.followup_turns,
-            followup=section.followup_prompt,
+            followup=section.followup_prompt, steer=arm,
         )
         write_jsonl(out / "generations.jsonl", records)
 
@@ -105,7 +123,8 @@ def eval_task(
         if hasattr(m, "gate_values"):
             gates = {"alpha_l2": float(m.alpha_l2()), "channel_names": meta["channel_names"],
                      "per_layer": [[round(float(x), 6) for x in layer] for layer in m.gate_values().tolist()]}
-        measurements = {"model": target, "relief": relief, "gates": gates}
+        measurements = {"model": target, "relief": relief, "gates": gates,
+                        **({"steer": arm.describe()} if arm is not None else {})}
         settings = section.scoring()
         write_json(out / "settings.json", settings)
         write_json(out / "measurements.json", measurements)
@@ -113,7 +132,7 @@ def eval_task(
         write_json(out / "scores.json", scores)
         return {"rows": len(records), "meta": {"metrics": headline_metrics(scores)}}
 
-    return run_stage("eval", home, profile.section("eval"), inputs, build, force)
+    return run_stage("eval", home, key_section, inputs, build, force)
 
 
 def headline_metrics(scores: dict[str, Any]) -> dict[str, float]:

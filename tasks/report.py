@@ -47,8 +47,9 @@ def render_report(profile: Profile, corpus_meta: dict, pack_meta: dict, models: 
     for name, info in sorted(models.items()):
         mm = info["metrics"]
         rows.append([name, info["arch"], f"{int(mm.get('num_params', 0)):,}", _fmt(mm.get("final_loss")),
-                     _fmt(mm.get("final_heldout_loss")), _fmt(mm.get("alpha_l2")), _fmt(mm.get("tok_per_s"), 0)])
-    parts += [_table(["model", "arch", "params", "final train loss", "held-out loss", "alpha_l2", "tok/s"], rows), ""]
+                     _fmt(mm.get("final_heldout_loss")), _fmt(mm.get("alpha_l2"))])
+    # no tok/s column: wall clock would make the same inputs give different bytes (`tinymars runs` has it)
+    parts += [_table(["model", "arch", "params", "final train loss", "held-out loss", "alpha_l2"], rows), ""]
     parts += [format_evaluation(scores)]
     parts += ["## Settings", "", f"Profile `{profile.name}`, hash `{profile.hash()[:16]}`.", "",
               "<details><summary>the whole profile</summary>", "", "```json",

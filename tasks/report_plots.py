@@ -10,7 +10,7 @@ import io
 import math
 from typing import Any
 
-ARM_COLORS = {"mars": "#1f77b4", "ablated": "#7f7f7f", "text": "#ff7f0e"}
+ARM_COLORS = {"mars": "#1f77b4", "ablated": "#7f7f7f", "text": "#ff7f0e", "steer": "#2ca02c"}
 MODEL_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
                 "#ff7f0e", "#7f7f7f")
 

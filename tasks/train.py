@@ -26,8 +26,23 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.common import ROOT, artifact_of, logger, run_stage, stage_code_version
-from tinymars.artifacts import stage_key, write_atomic
+from tinymars.artifacts import ArtifactStore, stage_key, write_atomic
 from tinymars.profile import ModelSpec, Profile
+
+# Wall-clock fields of the trainer's per-step records: they differ between two runs that train the
+# very same weights, so they go to a volatile file (verified, outside the content hash; see
+# tinymars.artifacts) and metrics.jsonl keeps only what the inputs determine.
+TIMING_FIELDS = ("tok_per_s", "mfu", "train_s")
+TIMING_FILE = "timing.jsonl"
+
+
+def split_wall_clock(out: Path) -> None:
+    """Move the wall-clock fields of out/metrics.jsonl into out/timing.jsonl (one line per logged step)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    timing = [{"step": r["step"], **{k: r[k] for k in TIMING_FIELDS if k in r}} for r in records]
+    (out / "metrics.jsonl").write_text("".join(
+        json.dumps({k: v for k, v in r.items() if k not in TIMING_FIELDS}) + "\n" for r in records))
+    (out / TIMING_FILE).write_text("".join(json.dumps(r) + "\n" for r in timing))
 
 
 def train_config(profile: Profile) -> dict[str, Any]:
@@ -89,6 +104,13 @@ def train_task(
                "train": train_config(profile) | {"device": kind}, "nproc": nproc, "out_dir": str(out),
                "ckpt_dir": str(work / "ckpt"), "resume": t.resume, "result": str(work / "result.json")}
         with exclusive(work / "lock", log):
+            done = None if force else ArtifactStore(Path(home) / "artifacts").lookup("train", key)
+            if done is not None:  # a concurrent run trained this very key while we waited: adopt, don't retrain
+                log.info(f"[train:{spec.name}] another run finished this model while we waited; reusing it")
+                for name in done.files:
+                    (out / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(done.file(name), out / name)
+                return {"meta": done.meta, "volatile": done.volatile}
             (work / "result.json").unlink(missing_ok=True)
             if force:  # a forced rebuild recomputes from scratch, whatever an earlier attempt left
                 shutil.rmtree(work / "ckpt", ignore_errors=True)
@@ -101,12 +123,14 @@ def train_task(
                                    f"in {work} for the retry. Last output:\n" + "\n".join(tail[-15:]))
             summary = json.loads((work / "result.json").read_text())
             shutil.rmtree(work / "ckpt", ignore_errors=True)  # only ever needed to resume this build
+        split_wall_clock(out)
         metrics = {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         sec_per_step = summary.get("timing", {}).get("sec_per_step")
         if sec_per_step:  # wall-clock: lives in lineage and the manifest, never in the hashed files
             metrics["sec_per_step"] = sec_per_step
             metrics["tok_per_s"] = t.batch_size * meta["seq_len"] / sec_per_step
         return {"meta": {"metrics": metrics, "model": spec.name, "arch": spec.arch,
-                         "devices": nproc, "device": summary.get("timing", {}).get("device")}}
+                         "devices": nproc, "device": summary.get("timing", {}).get("device")},
+                "volatile": [TIMING_FILE]}
 
     return run_stage("train", home, section, {"pack": pack_art}, build, force, name=f"train:{spec.name}")

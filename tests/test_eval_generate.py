@@ -125,12 +125,13 @@ ROWS = [
 
 
 def test_arm_prompts_write_the_state_only_for_text() -> None:
-    assert arm_prompt(ROWS[0], "mars") == arm_prompt(ROWS[0], "ablated") == "Plan my day?"
+    assert arm_prompt(ROWS[0], "mars") == arm_prompt(ROWS[0], "ablated") == arm_prompt(ROWS[0], "steer") == \
+        "Plan my day?"
     assert arm_prompt(ROWS[0], "text") == "[state: mood warm, valence +0.80, saliency 0.50] Plan my day?"
     assert arm_prompt(ROWS[1], "text").startswith("[state: salient memory: spent a week in Lisbon] ")
     assert followup_prompt("Q?", " answer ", "Tell me more.") == "Q? answer Tell me more."
     with pytest.raises(ValueError, match="unknown arm"):
-        arm_prompt(ROWS[0], "steer")
+        arm_prompt(ROWS[0], "telepathy")
 
 
 def test_generate_arms_records_every_arm_and_turn() -> None:

@@ -13,7 +13,7 @@ from tinymars.lineage import Lineage
 
 pytestmark = pytest.mark.slow
 
-ALL = ["corpus", "channels", "tokenizer", "pack", "train:native", "train:baseline", "eval", "report"]
+ALL = ["corpus", "channels", "tokenizer", "pack", "train:native", "train:baseline", "steer", "eval", "report"]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_cold_run_builds_every_stage_and_records_lineage(chain):
     report = arts["report"]["content_hash"]
     parents = {p["name"] for p in lin.parents(report)}
     assert parents == {"corpus", "pack", "eval", "train:native", "train:baseline"}
-    assert {c["name"] for c in lin.children(arts["tokenizer"]["content_hash"])} == {"pack", "eval"}
+    assert {c["name"] for c in lin.children(arts["tokenizer"]["content_hash"])} == {"pack", "steer", "eval"}
     keys = {m["key"] for m in lin.metrics(runs[0]["run_id"])}
     assert {"rows", "num_params", "vocab_size"} <= keys
 
@@ -89,7 +89,7 @@ def test_eval_only_change_reruns_eval_and_report(chain):
 
 def test_refresh_tokenizer_reruns_it_and_downstream_only(chain):
     out = _iterate(chain, refresh=["tokenizer"])
-    assert _built(out) == ["tokenizer", "pack", "train:native", "train:baseline", "eval", "report"]
+    assert _built(out) == ["tokenizer", "pack", "train:native", "train:baseline", "steer", "eval", "report"]
 
 
 def test_corrupt_artifact_is_rebuilt_with_a_warning(chain, caplog):

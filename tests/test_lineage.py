@@ -82,7 +82,7 @@ def test_two_processes_write_one_database(tmp_path):
 
 
 def test_downstream_closure():
-    assert downstream(["tokenizer"]) == {"tokenizer", "pack", "train", "eval", "report"}
+    assert downstream(["tokenizer"]) == {"tokenizer", "pack", "train", "steer", "eval", "report"}
     assert downstream(["eval"]) == {"eval", "report"}
     assert downstream(["corpus"]) == set(ORDER)
     assert downstream([]) == set()

@@ -68,6 +68,20 @@ def fail(message: str, code: int = 2) -> int:
     return code
 
 
+def call_flow(label: str, on_interrupt: str, flow_fn: Any, **params: Any) -> tuple[Any, int | None]:
+    """Run a flow for a command: Ctrl-C and a failed flow become one clean error line and an exit code.
+
+    The flow has already logged the traceback and recorded the failure; the user gets the reason once.
+    Returns (result, None) on success, (None, exit code) otherwise.
+    """
+    try:
+        return flow_fn(**params), None
+    except KeyboardInterrupt:
+        return None, fail(f"interrupted; {on_interrupt}", 130)
+    except Exception as exc:
+        return None, fail(f"{label} failed: {type(exc).__name__}: {exc}", 1)
+
+
 def preflight(profile_arg: str, overrides: list[str], refresh: list[str]) -> Any:
     """Everything that can be checked before work starts; raises ProfileError with the fix."""
     prof = load_profile(_absolute(profile_arg), overrides)
@@ -98,15 +112,37 @@ def preflight(profile_arg: str, overrides: list[str], refresh: list[str]) -> Any
 
 
 def runnable_here(prof: Any) -> str | None:
-    """Why a valid profile cannot run with this version, or None."""
+    """Why a valid profile cannot run on this machine with this version, or None."""
+    return missing_device(prof)
+
+
+def missing_device(prof: Any) -> str | None:
+    """A device the profile names that this machine lacks (training dispatched to a work pool is not checked)."""
+    import importlib.util
+
+    wants_cuda = {"channels.embedder.device": prof.channels.embedder.device}
+    if prof.orchestration.train_dispatch == "local":
+        wants_cuda["train.device"] = prof.train.device
+        if prof.train.device == "xla" and importlib.util.find_spec("torch_xla") is None:
+            return ("train.device: 'xla' but torch_xla is not installed here; run on the TPU host (install the "
+                    "tpu extra), or use device: auto")
+    wants_cuda = {k: v for k, v in wants_cuda.items() if str(v).startswith("cuda")}
+    if wants_cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            field, value = next(iter(wants_cuda.items()))
+            return (f"{field}: '{value}' but no CUDA GPU is visible here; use auto (the GPU when there is one) or "
+                    "cpu, or set orchestration.train_dispatch: deployment to train on an accelerator work pool")
     return None
 
 
 def _absolute(profile_arg: str) -> str:
     """Paths are made absolute so a flow run elsewhere (a worker) finds the same file."""
-    if profile_arg in shipped_profiles():
-        return profile_arg
-    return str(Path(profile_arg).expanduser().resolve())
+    path = Path(profile_arg).expanduser()
+    if profile_arg in shipped_profiles() or not (path.suffix in (".yaml", ".yml") or path.exists()):
+        return profile_arg  # a shipped name, or an unknown one the loader names as typed
+    return str(path.resolve())
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -116,18 +152,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         return fail(str(exc))
     if reason := runnable_here(prof):
         return fail(reason)
+    from tinymars import supervisor
+
+    if supervisor.is_worker():
+        supervisor.watch_supervisor()
+    elif supervisor.needs_supervisor():  # Prefect's temporary server must not outlive a kill -9 of this process
+        return supervisor.run_supervised(args.argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     home = str(Path(args.home).resolve())
     print(f"tinymars: profile '{prof.name}' is valid; home {home}", flush=True)
     from flows.iteration import iteration
 
-    try:
-        out = iteration(profile=_absolute(args.profile), home=home, refresh=args.refresh,
-                        overrides=args.overrides, only=args.only)
-    except KeyboardInterrupt:
-        return fail("interrupted; finished stages stay cached, rerun the same command to continue", 130)
-    except Exception as exc:  # the flow already logged the traceback and recorded the failure
-        return fail(f"run failed: {type(exc).__name__}: {exc}", 1)
+    out, code = call_flow("run", "finished stages stay cached, rerun the same command to continue", iteration,
+                          profile=_absolute(args.profile), home=home, refresh=args.refresh,
+                          overrides=args.overrides, only=args.only)
+    if code is not None:
+        return code
     print()
     print(f"run {out['run_id']}")
     for s in out["stages"]:
@@ -144,7 +184,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return fail(str(exc))
     print(f"profile '{prof.name}' is valid (hash {prof.hash()[:12]})")
     if reason := runnable_here(prof):
-        print(f"note: cannot run with this version: {reason}")
+        print(f"note: cannot run here: {reason}")
     return 0
 
 
@@ -212,6 +252,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a supervised worker re-runs
     if getattr(args, "handler", None) is not None:
         return args.handler(args)
     handlers = {"run": cmd_run, "validate": cmd_validate, "runs": cmd_runs, "lineage": cmd_lineage,

