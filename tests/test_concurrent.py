@@ -29,6 +29,7 @@ from tinymars.lineage import Lineage, LineageLocked
 
 pytestmark = pytest.mark.slow
 ANSWERED = ("accepted", "rejected")
+PROFILE = cs.PROFILE  # the smallest real profile: every stage, seconds of work
 LOCK_TROUBLE = ("database is locked", "LineageLocked", "Conflicting lock", "Traceback")
 
 
@@ -83,9 +84,10 @@ def _printed_stages(text: str) -> tuple[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def three_runs(zygote, tmp_path_factory):
-    """Two identical `tinymars run --profile tiny` and a third with an eval override, cold, on one home."""
+    """Two identical `tinymars run` and a third with an eval override, cold, on one home (the smallest real
+    profile, every stage)."""
     home = tmp_path_factory.mktemp("concurrent") / "home"
-    same = ["run", "--profile", "tiny", "--home", str(home)]
+    same = ["run", "--profile", PROFILE, "--home", str(home)]
     texts = _run_all(zygote, [same, same, [*same, "--set", "eval.max_new_tokens=8"]], home.parent / "logs", home)
     return home, [_printed_stages(t) for t in texts]
 
@@ -207,7 +209,7 @@ def test_two_deployment_runs_on_one_worker_both_complete_and_reach_lineage(three
     before = {r["run_id"] for r in Lineage(home / "lineage.duckdb").query("SELECT run_id FROM runs")}
     try:
         local.start_worker("tinymars-cpu")
-        params = {"profile": "tiny", "home": str(home)}
+        params = {"profile": PROFILE, "home": str(home)}
         with ThreadPoolExecutor(2) as pool:
             runs = list(pool.map(lambda _: local.run_deployment("iteration/iteration", params, 300), range(2)))
     finally:
