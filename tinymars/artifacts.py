@@ -249,16 +249,6 @@ class ArtifactStore:
                 raise disk_full(f"{where} (building the {stage} artifact)", exc) from None
             raise
 
-    def sweep_temporaries(self, older_than_s: float = 3600) -> int:
-        """Remove build folders left by killed runs (never trusted, only disk space)."""
-        n = 0
-        now = time.time()
-        for tmp in self.root.glob("*/.tmp-*"):
-            if now - tmp.stat().st_mtime > older_than_s:
-                shutil.rmtree(tmp, ignore_errors=True)
-                n += 1
-        return n
-
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
