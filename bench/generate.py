@@ -15,8 +15,8 @@ import time
 
 import torch
 
+from models.architectures import build
 from models.generate import generate
-from models.registry import build
 
 
 def timed(fn) -> tuple[float, list[list[int]]]:

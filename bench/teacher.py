@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from corpus.call_cache import CallCache  # noqa: E402
 from corpus.openai_teacher import TeacherClient  # noqa: E402
-from corpus.prices import resolve_price  # noqa: E402
 from tests.teacher_support import word_requests  # noqa: E402
+from tinymars.prices import resolve_price  # noqa: E402
 
 
 def settings(base_url: str, concurrency: int) -> SimpleNamespace:

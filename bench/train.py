@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.registry import build, count_params  # noqa: E402
+from models.architectures import build, count_params  # noqa: E402
 from models.sizing import bracket_depth, count_spec_params  # noqa: E402
 
 CHANNELS = ("memory", "identity", "continuity", "affect", "time", "ethics")
@@ -100,8 +100,8 @@ def cuda_bench(args: argparse.Namespace) -> None:
     """tokens/s and MFU of the real trainer on a profile's shapes (synthetic rows of full length)."""
     from models.data import PackedRows
     from models.sizing import profile_specs
-    from models.trainer import TrainConfig, train
-    from tinymars.profile import load_profile
+    from models.trainer import train
+    from tinymars.profile import TrainRecipe, load_profile
 
     if not torch.cuda.is_available():
         raise SystemExit("--cuda needs a CUDA device")
@@ -119,7 +119,7 @@ def cuda_bench(args: argparse.Namespace) -> None:
         if spec["arch"] == "adapter":
             continue
         model = build(spec, vocab_size=V, seq_len=T, channel_names=prof.channels.names, channel_dim=D, seed=0)
-        cfg = TrainConfig(steps=args.steps, batch_size=args.batch, lr=3e-4, warmup_steps=1, weight_decay=0.1,
+        cfg = TrainRecipe(steps=args.steps, batch_size=args.batch, lr=3e-4, warmup_steps=1, weight_decay=0.1,
                           log_every=args.steps // 3, eval_every=10**9, seed=0, device="cuda", precision="bf16",
                           compile=args.compile)
         lines: list[str] = []

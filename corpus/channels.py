@@ -1,12 +1,16 @@
-"""Turn each row's raw channel state into vectors: text channels embedded, numeric channels encoded."""
+"""Turn each row's raw channel state into vectors (text channels embedded, numeric channels encoded); read them back."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from corpus.encode import TEXT_CHANNELS, encode_numeric, state_text
+from corpus.encode import encode_numeric, state_text
+from tinymars.domain import TEXT_CHANNELS
 
 
 class ChannelError(ValueError):
@@ -65,3 +69,12 @@ def channel_matrices(
                 )
             out[name][i] = vecs[texts[text]]
     return out, {"distinct_texts": len(texts), "text_slots": len(text_refs)}
+
+
+def load_channels(artifact_dir: Path) -> dict[str, Any]:
+    """The channel matrices of a channels artifact as numpy arrays, in the profile's channel order."""
+    from safetensors.numpy import load_file
+
+    info = json.loads((artifact_dir / "channels.json").read_text())
+    mats = load_file(str(artifact_dir / "channels.safetensors"))
+    return {name: mats[name] for name in info["names"]}

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from corpus.encode import phase_of
+from tinymars.domain import CONCEPTS
 
-CONCEPTS = ("affect", "time", "ethics")  # the three state capabilities the directional scorers judge
 TEXT_SEP = "\n"
 # time has no signed scalar in its state: the circadian phase goes from morning (+) to night (-)
 PHASE_SIGN = {"morning": 1.0, "afternoon": 1.0 / 3.0, "evening": -1.0 / 3.0, "night": -1.0}

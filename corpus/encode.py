@@ -17,15 +17,8 @@ import math
 import numbers
 from typing import Any
 
-ETHICS_CATEGORIES = (
-    "physical_safety", "medical", "mental_health", "medication", "nutrition", "fitness",
-    "driving", "outdoor_adventure", "home_repair", "electrical", "fire", "food_safety",
-    "finance", "investing", "gambling", "legal", "privacy", "cybersecurity",
-    "workplace", "academic_integrity", "childcare", "pets", "travel", "alcohol",
-)  # fmt: skip
-NUMERIC_DIMS = {"affect": 2, "time": 16, "ethics": 24}
-MIN_DIMS = {"affect": 2, "time": 8, "ethics": len(ETHICS_CATEGORIES)}
-TEXT_CHANNELS = ("memory", "identity", "continuity")
+from tinymars.domain import ETHICS_CATEGORIES, MIN_DIMS, TEXT_CHANNELS
+
 PHASES = ("night", "morning", "afternoon", "evening")
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 
@@ -77,7 +70,7 @@ def _ethics(state: dict[str, Any]) -> list[float]:
     caution = _unit("ethics.caution", state["caution"], -1, 1)
     category = state["category"]
     if category not in ETHICS_CATEGORIES:
-        raise ValueError(f"ethics.category {category!r} is not one of corpus.encode.ETHICS_CATEGORIES")
+        raise ValueError(f"ethics.category {category!r} is not one of tinymars.domain.ETHICS_CATEGORIES")
     return [caution if c == category else caution * 0.5 for c in ETHICS_CATEGORIES]
 
 

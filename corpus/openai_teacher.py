@@ -37,8 +37,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from corpus.call_cache import CallCache
-from corpus.prices import Price
 from corpus.teacher_limits import Budget, BudgetStop, RateLimiter, backoff_delay, retry_after_s
+from tinymars.prices import Price
 
 TARGET_SCHEMA = {
     "name": "corpus_target",

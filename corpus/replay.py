@@ -13,7 +13,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from corpus.template_teacher import make_row
+from corpus.rows import make_row
 from tinymars.artifacts import hash_json, sha256_file
 
 BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv", ".txt": "text"}

@@ -36,11 +36,7 @@ from corpus.openai_teacher import (
     estimate_prompt_tokens,
     parse_target,
 )
-from corpus.prices import Price, resolve_price
-from corpus.teacher_limits import Budget
-from corpus.teacher_prompts import Templates, load_templates
-from corpus.template_teacher import (
-    SELECTION_CAPABILITIES,
+from corpus.rows import (
     assign_splits,
     capability_rng,
     check_corpus_args,
@@ -49,15 +45,16 @@ from corpus.template_teacher import (
     preflight_register,
     preflight_selection,
     prompt_id,
-    register_prompt,
     register_row,
-    register_state,
-    register_wrap,
-    selection_prompt,
     selection_row,
 )
+from corpus.teacher_limits import Budget
+from corpus.teacher_prompts import Templates, load_templates
+from corpus.template_teacher import register_prompt, register_state, register_wrap, selection_prompt
 from scorers.register import register_score
 from scorers.selection import item_mentions
+from tinymars.domain import SELECTION_CAPABILITIES
+from tinymars.prices import Price, resolve_price
 
 SEED_STRIDE = 100  # request seed = corpus seed * stride + sample (resamples stay below the stride)
 LOG_EVERY_S = 5.0

@@ -24,24 +24,26 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from corpus.encode import ETHICS_CATEGORIES
-from scorers.register import register_score, vader_compound
-from scorers.selection import dominant, item_mentions
+from corpus.rows import (
+    LETTERS,
+    assign_splits,
+    capability_rng,
+    check_corpus_args,
+    corpus_stats,
+    flip,
+    preflight_register,
+    preflight_selection,
+    prompt_id,
+    register_row,
+    selection_row,
+)
+from tinymars.domain import ETHICS_CATEGORIES, REGISTER_CAPABILITIES, SELECTION_CAPABILITIES
 
-CAPABILITIES = ("memory", "identity", "continuity", "affect", "time", "ethics")
-SELECTION_CAPABILITIES = ("memory", "identity", "continuity")
-REGISTER_CAPABILITIES = ("affect", "time", "ethics")
-ID_PREFIX = {"memory": "mem", "identity": "idn", "continuity": "cnt",
-             "affect": "aff", "time": "tim", "ethics": "eth"}  # fmt: skip
-POLE_SUFFIX = {"+": "pos", "-": "neg"}
-LETTERS = "abc"
 MORNING_HOURS = (6, 7, 8, 9, 10)
 NIGHT_HOURS = (21, 22, 23, 0, 1, 2)
 MAGNITUDE = (0.6, 0.95)
 DATA_DIR = Path(__file__).with_name("data")
 ATTEMPTS_PER_PROMPT = 50
-ROW_FIELDS = ("row_id", "prompt_id", "capability", "kind", "split", "prompt", "items", "salient_item", "pole",
-              "text_pole", "channel_state", "target")  # fmt: skip
 
 
 @cache
@@ -59,23 +61,6 @@ def _listing(texts: list[str]) -> str:
 
 
 # ---------------------------------------------------------------- pre-flight
-
-
-def preflight_selection(items: list[dict[str, Any]], salient: int, target: str) -> bool:
-    """A selection target passes when `dominant` holds for the salient item and no other item is named."""
-    counts = item_mentions(target, items)
-    others_silent = all(c == 0 for i, c in enumerate(counts) if i != salient)
-    return dominant(target, items, salient) and others_silent
-
-
-def preflight_register(capability: str, plus_target: str, minus_target: str) -> bool:
-    """A register pair passes when each target scores with its own pole's sign (so + beats -), plus VADER
-    agreeing for affect: exactly what the directional and conflict scorers will ask of a model."""
-    plus, minus = register_score(plus_target, capability), register_score(minus_target, capability)
-    ok = plus > 0 > minus
-    if capability == "affect":
-        ok = ok and vader_compound(plus_target) > vader_compound(minus_target)
-    return ok
 
 
 # ---------------------------------------------------------------- selection prompts
@@ -134,29 +119,6 @@ def selection_prompt(
 ) -> tuple[str, list[dict[str, Any]], list[str]]:
     """A new selection prompt for this capability: (prompt, its three items, the template's three targets)."""
     return _fresh(capability, rng, seen, lambda: SELECTION_BUILDERS[capability](rng))
-
-
-def prompt_id(capability: str, number: int, conflict: bool = False) -> str:
-    return f"{ID_PREFIX[capability]}-{'c-' if conflict else ''}{number:04d}"
-
-
-def selection_row(
-    capability: str, pid: str, prompt: str, items: list[dict[str, Any]], salient: int, target: str
-) -> dict[str, Any]:
-    """The row of a selection prompt whose channel marks item `salient`."""
-    return make_row(
-        row_id=f"{pid}-{LETTERS[salient]}",
-        prompt_id=pid,
-        capability=capability,
-        kind="selection",
-        prompt=prompt,
-        items=items,
-        salient_item=salient,
-        pole=None,
-        text_pole=None,
-        channel_state={capability: {"salient_item": salient, "text": items[salient]["text"]}},
-        target=target,
-    )
 
 
 def _selection_rows(
@@ -238,25 +200,6 @@ def register_prompt(capability: str, rng: random.Random, seen: set[str], conflic
     return _fresh(capability, rng, seen, build)[1]
 
 
-def register_row(
-    capability: str, pid: str, base: dict[str, Any], pole: str, conflict: bool, state: dict[str, Any], target: str
-) -> dict[str, Any]:
-    """The row of a register or conflict prompt whose channel holds `pole`."""
-    return make_row(
-        row_id=f"{pid}-{POLE_SUFFIX[pole]}",
-        prompt_id=pid,
-        capability=capability,
-        kind="conflict" if conflict else "register",
-        prompt=base["texts"][pole],
-        items=None,
-        salient_item=None,
-        pole=pole,
-        text_pole=flip(pole) if conflict else None,
-        channel_state={capability: state},
-        target=target,
-    )
-
-
 def _register_rows(
     capability: str, number: int, rng: random.Random, seen: set[str], conflict: bool
 ) -> tuple[list[dict], int]:
@@ -270,10 +213,6 @@ def _register_rows(
         register_row(capability, pid, base, pole, conflict, register_state(capability, pole, base, rng), targets[pole])
         for pole in ("+", "-")
     ], 0
-
-
-def flip(pole: str) -> str:
-    return "-" if pole == "+" else "+"
 
 
 # ---------------------------------------------------------------- assembly
@@ -290,38 +229,6 @@ def _fresh(capability: str, rng: random.Random, seen: set[str], build: Callable[
         f"{capability}: the template pools ran out of distinct prompts after {len(seen)}; "
         "lower corpus.prompts_per_capability or extend corpus/data"
     )
-
-
-def make_row(**fields: Any) -> dict[str, Any]:
-    """A row with the contract's fields in order; `split` is filled in once the prompt ids are known."""
-    mismatched = set(fields) ^ (set(ROW_FIELDS) - {"split"})
-    if mismatched:
-        raise TypeError(f"row fields do not match the contract: {sorted(mismatched)}")
-    return {name: fields.get(name) for name in ROW_FIELDS}
-
-
-def heldout_prompt_ids(prompt_ids: list[str], heldout_fraction: float, rng: random.Random) -> set[str]:
-    """round(fraction * n) prompts held out, but at least one held out and one kept when n >= 2."""
-    n = len(prompt_ids)
-    if n == 0:
-        return set()
-    if n == 1:
-        return set(prompt_ids) if heldout_fraction >= 0.5 else set()
-    k = min(n - 1, max(1, round(heldout_fraction * n)))
-    return set(rng.sample(prompt_ids, k))
-
-
-def capability_rng(seed: int, capability: str, purpose: str) -> random.Random:
-    """The random stream of one (capability, purpose): capabilities never move each other's rows."""
-    return random.Random(f"tinymars/{seed}/{capability}/{purpose}")
-
-
-def assign_splits(rows: list[dict], capability: str, heldout_fraction: float, seed: int) -> None:
-    """Set `split` on a capability's regular rows, drawn over the prompts kept (never across a prompt)."""
-    ids = list(dict.fromkeys(r["prompt_id"] for r in rows))
-    held = heldout_prompt_ids(ids, heldout_fraction, capability_rng(seed, capability, "split"))
-    for row in rows:
-        row["split"] = "heldout" if row["prompt_id"] in held else "train"
 
 
 def _capability_rows(
@@ -374,50 +281,3 @@ def generate_corpus(
     return corpus_stats(per_capability)
 
 
-def check_corpus_args(
-    capabilities: list[str], prompts_per_capability: int, conflict_prompts_per_capability: int,
-    heldout_fraction: float,
-) -> None:
-    unknown = [c for c in capabilities if c not in CAPABILITIES]
-    if unknown or not capabilities or len(set(capabilities)) != len(capabilities):
-        raise ValueError(f"capabilities must be distinct names from {CAPABILITIES}, got {capabilities}")
-    if prompts_per_capability < 0 or conflict_prompts_per_capability < 0:
-        raise ValueError("prompts_per_capability and conflict_prompts_per_capability must be >= 0")
-    if not 0.0 <= heldout_fraction <= 1.0:
-        raise ValueError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
-
-
-def corpus_stats(per_capability: dict[str, tuple[list[dict], int, int]]) -> tuple[list[dict], dict]:
-    """All rows in capability order and their stats, from each capability's (rows, rejected, rejected_conflict)."""
-    rows: list[dict] = []
-    stats: dict[str, Any] = {"rows": 0, "by_capability": {}, "by_kind": {}, "by_split": {},
-                             "rejected": {}, "rejected_conflict": {}}  # fmt: skip
-    for cap, (cap_rows, rejected, rejected_conflict) in per_capability.items():
-        rows += cap_rows
-        stats["by_capability"][cap] = _capability_stats(cap_rows)
-        stats["rejected"][cap] = rejected + rejected_conflict
-        stats["rejected_conflict"][cap] = rejected_conflict
-    stats["rows"] = len(rows)
-    stats["by_kind"] = _count(rows, "kind")
-    stats["by_split"] = _count(rows, "split")
-    return rows, stats
-
-
-def _count(rows: list[dict], field: str) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for row in rows:
-        out[row[field]] = out.get(row[field], 0) + 1
-    return dict(sorted(out.items()))
-
-
-def _capability_stats(rows: list[dict]) -> dict[str, Any]:
-    """Rows and prompts per `kind/split` (e.g. "register/train", "conflict/heldout")."""
-    groups: dict[str, list[str]] = {}
-    for row in rows:
-        groups.setdefault(f"{row['kind']}/{row['split']}", []).append(row["prompt_id"])
-    return {
-        "rows": len(rows),
-        "prompts": len({r["prompt_id"] for r in rows}),
-        "rows_by_kind_split": {k: len(v) for k, v in sorted(groups.items())},
-        "prompts_by_kind_split": {k: len(set(v)) for k, v in sorted(groups.items())},
-    }

@@ -11,7 +11,6 @@ import sentencepiece as spm
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 TARGET_PIECE = "<target>"  # separates prompt from target; its id is fixed at 4
-RESERVED_PIECES = 256 + 5  # byte-fallback pieces + pad, unk, bos, eos, <target>: a vocabulary must be larger
 
 
 class TokenizerError(ValueError):

@@ -25,20 +25,19 @@ from tasks.steering import steer_applies, steer_task
 from tasks.tokenizer import tokenizer_task
 from tasks.train import train_task
 from tinymars.lineage import Lineage
-from tinymars.profile import load_profile
+from tinymars.profile import Profile, as_profile
 from tinymars.runinfo import git_state, new_run_id, project_code_version
 from tinymars.stages import ORDER, downstream
 
 
-def dispatch_training(
-    orch: Any, profile: str, home: str, pack: dict[str, Any], overrides: list[str] | None, force: bool
-) -> dict[str, dict[str, Any]]:
+def dispatch_training(prof: Profile, home: str, pack: dict[str, Any], force: bool) -> dict[str, dict[str, Any]]:
     """Run the `train` deployment (an accelerator work pool) and wait; its records come back via `home`."""
+    orch = prof.orchestration
     log = get_run_logger()
     log.info(f"dispatching training to deployment '{orch.train_deployment}' and waiting")
-    run = run_deployment(
+    run = run_deployment(  # the validated profile travels as data: the worker's machine needs no profile file
         name=orch.train_deployment,
-        parameters={"profile": profile, "home": home, "pack": pack, "overrides": overrides or [], "force": force},
+        parameters={"profile": prof.model_dump(mode="json"), "home": home, "pack": pack, "force": force},
         timeout=orch.dispatch_timeout_s,
     )
     if run.state is None or not run.state.is_completed():
@@ -57,15 +56,18 @@ class StopAfter(Exception):
 
 @flow(name="iteration", log_prints=True)
 def iteration(
-    profile: str,
+    profile: str | dict[str, Any] | Profile,
     home: str = ".tinymars",
     refresh: list[str] | None = None,
     overrides: list[str] | None = None,
     only: str | None = None,
 ) -> dict[str, Any]:
-    """Run one experiment iteration; every stage is cached by code + profile section + input hashes."""
+    """Run one experiment iteration; every stage is cached by code + profile section + input hashes.
+
+    `profile`: a validated Profile (what `tinymars run` passes), a profile's data, or a shipped name /
+    YAML path with `overrides` (a deployment's parameters)."""
     log = get_run_logger()
-    prof = load_profile(profile, overrides)
+    prof = as_profile(profile, overrides)
     forced = downstream(refresh or [])
     if only is not None and only not in ORDER:
         raise ValueError(f"only: unknown stage '{only}'; allowed: {', '.join(ORDER)}")
@@ -116,7 +118,7 @@ def iteration(
         pack = step("pack", pack_task, corpus, channels, tokenizer)
         stop_after("pack")
         if prof.orchestration.train_dispatch == "deployment":
-            trained = dispatch_training(prof.orchestration, profile, home, pack, overrides, "train" in forced)
+            trained = dispatch_training(prof, home, pack, "train" in forced)
             for result in trained.values():
                 record(result)
         else:

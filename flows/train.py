@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 
 from tasks.train import train_task
 from tinymars.artifacts import write_atomic
-from tinymars.profile import load_profile
+from tinymars.profile import Profile, as_profile
 
 
 def handback_path(home: str, run_key: str) -> Path:
@@ -25,14 +25,14 @@ def handback_path(home: str, run_key: str) -> Path:
 
 @flow(name="train", log_prints=True)
 def train_models(
-    profile: str,
+    profile: str | dict[str, Any] | Profile,
     home: str,
     pack: dict[str, Any],
     overrides: list[str] | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
     """Train every model of the profile on a packed-data artifact; write the records for the caller."""
-    prof = load_profile(profile, overrides)
+    prof = as_profile(profile, overrides)
     log = get_run_logger()
     log.info(f"training {len(prof.train.models)} model(s) for profile '{prof.name}' on {pack['artifact']['path']}")
     results = {spec.name: train_task(prof, home, pack, spec, force=force) for spec in prof.train.models}

@@ -30,8 +30,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from models.gpt import ChannelEncoder, ChannelInjection, masked_cross_entropy, rms_norm
-from models.registry import check_keys, register
+from models.config import ModelConfig, check_keys
+from models.gpt import ChannelDecoder, ChannelEncoder, ChannelInjection, masked_cross_entropy, rms_norm
+from models.weights import META, WEIGHTS, check_sha, load_weights
 
 ADAPTER_KEYS = frozenset({"base", "adapter", "channel_tokens", "n_head", "drop"})
 KINDS = ("cross_attn", "film")
@@ -98,22 +99,21 @@ def load_base(path: str | Path, drop: Sequence[str] = UNUSED_TOWERS,
     count parameters without reading gigabytes).
     """
     folder = Path(path).expanduser()
-    if (folder / "model.json").is_file():
-        from models.checkpoint import load_model
-        from models.registry import build
-
-        if weights:
-            base = load_model(folder)
-        else:
-            b = json.loads((folder / "model.json").read_text())["build"]
-            base = build(b["spec"], vocab_size=b["vocab_size"], seq_len=b["seq_len"],
-                         channel_names=b["channel_names"], channel_dim=b["channel_dim"])
-        cfg = base.cfg
+    if (folder / META).is_file():
+        meta = json.loads((folder / META).read_text())
+        if meta["arch"] not in ("native", "baseline"):
+            raise ValueError(f"adapter base {folder}: arch '{meta['arch']}' cannot be a base; use a channel-less "
+                             "decoder (arch baseline)")
+        cfg = ModelConfig.from_dict(meta["config"])
         if cfg.has_channels:
             raise ValueError(f"adapter base {folder}: is a channel model (arch native); use a channel-less base")
+        base = ChannelDecoder(cfg)  # built directly (not through models.architectures, which builds adapters)
+        if weights:
+            check_sha(folder / WEIGHTS, meta.get("weights_sha256"))
+            load_weights(base, folder / WEIGHTS)
         info = {"kind": "tinymars", "width": cfg.d_model, "n_head": cfg.n_head, "n_layer": cfg.n_layer,
                 "vocab_size": cfg.vocab_size, "max_seq_len": None, "dropped": []}
-        identity = (folder / "model.json").read_bytes()
+        identity = (folder / META).read_bytes()
     elif (folder / "config.json").is_file():
         import transformers
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -268,7 +268,6 @@ class AdapterLM(nn.Module):
         return 4.0 * base_matmul + 6.0 * adapter + 12.0 * info["n_layer"] * info["width"] * self.seq_len
 
 
-@register("adapter")
 def build_adapter(spec: dict[str, Any], *, vocab_size: int, seq_len: int, channel_names: Sequence[str],
                   channel_dim: int) -> AdapterLM:
     """spec: base (path), adapter (cross_attn | film, default cross_attn), channel_tokens, n_head, drop.

@@ -25,69 +25,29 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import save, save_file
 from torch import nn
 
-from models.registry import build, build_info, count_params
+from models.architectures import build, build_info, count_params
+from models.weights import META, WEIGHTS, CheckpointError, check_sha, cpu_state, load_weights, replace_atomically
 from tinymars.artifacts import canonical_json, hash_bytes, sha256_file, write_atomic
 
-WEIGHTS, META = "model.safetensors", "model.json"
 CKPT_META, OPTIMIZER, STATE, METRICS = "checkpoint.json", "optimizer.pt", "state.pt", "metrics.jsonl"
 CKPT_FORMAT = 1
-
-
-class CheckpointError(RuntimeError):
-    """A model file or checkpoint that must not be used; the message names the file and the fix."""
-
-
-def _replace_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict on the CPU, contiguous (what safetensors needs; also moves XLA/CUDA tensors)."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
 def save_model(model: nn.Module, out_dir: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Save weights and the metadata needed to rebuild them; returns the metadata dict."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _replace_atomically(out_dir / WEIGHTS, lambda p: save_file(cpu_state(model), str(p)))
+    replace_atomically(out_dir / WEIGHTS, lambda p: save_file(cpu_state(model), str(p)))
     info = build_info(model)
     cfg = getattr(model, "cfg", None)
     meta = {"arch": info["arch"], "build": info, "config": cfg.to_dict() if cfg is not None else None,
             "num_params": count_params(model), "weights_sha256": sha256_file(out_dir / WEIGHTS), **(extra or {})}
     text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
-    _replace_atomically(out_dir / META, lambda p: p.write_text(text))
+    replace_atomically(out_dir / META, lambda p: p.write_text(text))
     return meta
-
-
-def _check_sha(path: Path, want: str | None) -> None:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing; the folder is incomplete, rebuild it (e.g. rerun training)")
-    if want is not None and sha256_file(path) != want:
-        raise CheckpointError(f"{path}: sha256 does not match the one recorded when it was written; the file is "
-                              "corrupt or was changed; delete the folder and rebuild it")
-
-
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Strict load with an error that names the file and the tensors that do not fit this model."""
-    state = load_file(str(path))
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [f"{k}: file {list(state[k].shape)} vs model {list(own[k].shape)}"
-             for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = [f"shapes differ ({'; '.join(wrong[:4])})"] if wrong else []
-        parts += [f"missing {missing[:4]}"] if missing else []
-        parts += [f"unexpected {unexpected[:4]}"] if unexpected else []
-        raise CheckpointError(f"{path}: was written by a model of another shape: {', '.join(parts)}; "
-                              "load it with the model spec it was trained with")
-    model.load_state_dict(state, strict=True)
 
 
 def load_model(model_dir: str | Path, device: str = "cpu") -> nn.Module:
@@ -96,7 +56,7 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> nn.Module:
     if not (model_dir / META).is_file():
         raise CheckpointError(f"{model_dir / META}: missing; {model_dir} is not a trained model folder")
     meta = json.loads((model_dir / META).read_text())
-    _check_sha(model_dir / WEIGHTS, meta.get("weights_sha256"))
+    check_sha(model_dir / WEIGHTS, meta.get("weights_sha256"))
     info = meta["build"]
     model = build(info["spec"], vocab_size=info["vocab_size"], seq_len=info["seq_len"],
                   channel_names=info["channel_names"], channel_dim=info["channel_dim"], seed=info["seed"])
@@ -187,7 +147,7 @@ def verify_checkpoint(folder: Path) -> Checkpoint:
     for name in (WEIGHTS, OPTIMIZER, STATE, METRICS):
         if name not in meta["files"]:
             raise CheckpointError(f"{folder / CKPT_META}: lists no {name}; the checkpoint is incomplete")
-        _check_sha(folder / name, meta["files"][name])
+        check_sha(folder / name, meta["files"][name])
     return Checkpoint(folder, int(meta["step"]), meta["fingerprint"])
 
 

@@ -1,9 +1,25 @@
-"""Model hyperparameters as one plain dataclass, so a model can be rebuilt from JSON."""
+"""Model hyperparameters as one plain dataclass (so a model can be rebuilt from JSON), and the spec-key check."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+# Keys every model spec may carry; "name" labels a run (e.g. baseline-small) and is not passed on.
+COMMON_KEYS = frozenset({"arch", "name"})
+
+
+def check_keys(spec: dict[str, Any], allowed: frozenset[str], required: Sequence[str]) -> None:
+    """Reject typos loudly: a misspelt key silently falling back to a default wastes a GPU run."""
+    allowed = allowed | COMMON_KEYS
+    for key in spec:
+        if key not in allowed:
+            raise ValueError(f"unknown model spec key {key!r} for arch {spec.get('arch')!r}; "
+                             f"allowed: {sorted(allowed)}")
+    for key in required:
+        if key not in spec:
+            raise ValueError(f"model spec for arch {spec.get('arch')!r} is missing {key!r}")
 
 
 @dataclass

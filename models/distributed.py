@@ -35,10 +35,17 @@ PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
+def resolve_device(device: str) -> str:
+    """The one device resolver: 'auto' is CUDA when visible, else CPU (XLA only when asked for: it needs
+    torch_xla); anything else (cpu, cuda, cuda:1, ...) is taken as given."""
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_kind(device: str) -> Kind:
-    """'auto' is CUDA when visible, else CPU (XLA is only used when asked for: it needs torch_xla)."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    """The training device kind: `resolve_device`, limited to the kinds the trainer runs on."""
+    device = resolve_device(device)
     if device not in ("cpu", "cuda", "xla"):
         raise ValueError(f"device {device!r}: expected auto, cpu, cuda or xla")
     return device  # type: ignore[return-value]

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from models.registry import build, count_params
+from models.architectures import build, count_params
 
 DECODER_SHAPE = ("n_head", "d_model", "mlp_ratio")
 MAX_LAYERS = 256

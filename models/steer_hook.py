@@ -29,8 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from corpus.concepts import CONCEPTS, concept_coefficient
+from corpus.concepts import concept_coefficient
 from models.activations import residual_blocks
+from tinymars.domain import CONCEPTS
 
 
 @contextmanager

@@ -6,7 +6,7 @@ the Prefect logs) and writes the summary to `job["result"]`. The job file (JSON)
 
     {"spec": {registry spec}, "build": {"vocab_size", "seq_len", "channel_names", "channel_dim", "seed"},
      "data": {"train": [shards], "heldout": [shards], "channel_dim": D, "pad_id": 0},
-     "train": {TrainConfig fields}, "nproc": 1, "out_dir": "...", "ckpt_dir": "..." | null,
+     "recipe": {tinymars.profile.TrainRecipe, as JSON}, "nproc": 1, "out_dir": "...", "ckpt_dir": "..." | null,
      "resume": true, "result": ".../result.json"}
 """
 
@@ -22,6 +22,24 @@ from typing import Any
 
 from models.distributed import die_with_parent, setup
 from models.launch import LAUNCHER_PID_ENV
+from tinymars.profile import TrainRecipe
+
+
+def make_job(recipe: TrainRecipe, kind: str, nproc: int, spec: dict[str, Any], pack_dir: Path,
+             pack_meta: dict[str, Any], out_dir: Path, work: Path, resume: bool) -> dict[str, Any]:
+    """The job file for one model: the recipe as is (device resolved to `kind`), the model spec, the packed
+    shards, and where the model, checkpoints (`work/ckpt`) and summary (`work/result.json`) go."""
+    def shards(split: str) -> list[str]:
+        return [str(pack_dir / name) for name in pack_meta["shards"][split]]
+
+    return {"spec": spec,
+            "build": {k: pack_meta[k] for k in ("vocab_size", "seq_len", "channel_names", "channel_dim")}
+            | {"seed": recipe.seed},
+            "data": {"train": shards("train"), "heldout": shards("heldout"), "channel_dim": pack_meta["channel_dim"],
+                     "pad_id": pack_meta["pad_id"]},
+            "recipe": recipe.model_copy(update={"device": kind}).model_dump(mode="json"), "nproc": nproc,
+            "out_dir": str(out_dir), "ckpt_dir": str(work / "ckpt"), "resume": resume,
+            "result": str(work / "result.json")}
 
 
 def watch_launcher(interval_s: float = 1.0) -> None:
@@ -48,12 +66,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any] | None:
     """Train the job's model on this process's device and rank; rank 0 returns (and writes) the summary."""
     import torch
 
+    from models.architectures import build, count_params
     from models.data import load_split
-    from models.registry import build, count_params
-    from models.trainer import TrainConfig, train
+    from models.trainer import train
     from tinymars.artifacts import write_atomic
 
-    cfg = TrainConfig(**job["train"])
+    cfg = TrainRecipe.model_validate(job["recipe"])
     rt = setup(cfg.device, cfg.precision)
     try:
         log = (lambda line: print(line, flush=True)) if rt.is_main else (lambda _: None)
@@ -95,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"job file '{args.job}' cannot be read as JSON ({exc}); the train task writes it "
                      "(format: models/train_cli.py)")
     watch_launcher()
-    if job["train"].get("device") == "xla" and int(job.get("nproc", 1)) > 1:
+    if job["recipe"].get("device") == "xla" and int(job.get("nproc", 1)) > 1:
         import torch_xla
 
         torch_xla.launch(_xla_worker, args=(job,))  # one process per local XLA device

@@ -22,7 +22,6 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,48 +30,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.architectures import build_info
 from models.checkpoint import checkpoint_files, latest_checkpoint, load_model, save_model, write_checkpoint
 from models.data import PackedRows, batch_rows, eval_batches, loss_token_counts, make_batch, shard_rows
 from models.distributed import Runtime, setup
-from models.registry import build_info
 from tinymars.artifacts import hash_json
+from tinymars.profile import TrainRecipe
 
-__all__ = ["TrainConfig", "train", "heldout_loss", "load_model", "lr_at", "param_groups"]
+__all__ = ["TrainRecipe", "train", "heldout_loss", "load_model", "lr_at", "param_groups"]
 
-# Settings that change nothing a resumed run computes: left out of the checkpoint fingerprint.
-RESUME_NEUTRAL = ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "device", "time_budget_s",
-                  "eval_every_s")
-
-
-@dataclass(kw_only=True)
-class TrainConfig:
-    steps: int
-    batch_size: int  # rows per optimizer step, over all devices and accumulation steps
-    lr: float
-    min_lr_frac: float = 0.1
-    warmup_steps: int
-    weight_decay: float
-    grad_clip: float = 1.0
-    log_every: int
-    eval_every: int
-    seed: int
-    channel_dropout: float = 0.0
-    channel_dropout_warmup: int = 0
-    gate_lr_mult: float = 1.0
-    device: str = "cpu"  # cpu | cuda | xla | auto
-    compile: bool = False  # torch.compile(fullgraph, static shapes) of the train forward (not on XLA)
-    grad_accum: int = 1
-    schedule: str = "cosine"  # decay after warmup: cosine | linear
-    precision: str = "auto"  # auto (bf16 autocast on accelerators, fp32 on CPU) | fp32 | bf16
-    checkpoint_every: int = 0  # steps between checkpoints; 0 = none
-    keep_checkpoints: int = 2
-    # Time-boxed runs (the architecture benchmark): stop once this many seconds were spent training (held-out
-    # evals not counted), and evaluate every eval_every_s training seconds; 0 = off. metrics.jsonl then has train_s.
-    time_budget_s: float = 0.0
-    eval_every_s: float = 0.0
+# Recipe settings that change nothing a resumed run computes: left out of the checkpoint fingerprint.
+RESUME_NEUTRAL = {"log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "device"}
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainRecipe) -> float:
     """Linear warmup over warmup_steps, then cosine (or linear) from lr down to lr * min_lr_frac. 0-based."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -81,11 +52,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_frac + (1.0 - cfg.min_lr_frac) * shape)
 
 
-def channel_dropout_at(step: int, cfg: TrainConfig) -> float:
+def channel_dropout_at(step: int, cfg: TrainRecipe) -> float:
     """Dropout probability ramps from 0 to channel_dropout, so gates can first find the signal."""
-    if cfg.channel_dropout_warmup <= 0:
+    ramp = cfg.warmup_steps if cfg.channel_dropout_warmup is None else cfg.channel_dropout_warmup
+    if ramp <= 0:
         return cfg.channel_dropout
-    return cfg.channel_dropout * min(1.0, step / cfg.channel_dropout_warmup)
+    return cfg.channel_dropout * min(1.0, step / ramp)
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
@@ -103,7 +75,7 @@ def channel_keep(rows: int, channels: int, p: float, seed: int, step: int) -> Te
     return (torch.rand(rows, channels, generator=gen) >= p).float()
 
 
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, cfg: TrainRecipe) -> list[dict[str, Any]]:
     """Decay matrices only; embeddings, norms, biases and ReZero gates are not pulled to 0.
 
     Gates get their own LR multiplier: they start at exactly 0 and are the bottleneck for
@@ -174,37 +146,42 @@ def _gates(model: nn.Module) -> tuple[float, list[list[float]]]:
     return float(model.alpha_l2()), model.gate_values().float().cpu().tolist()
 
 
-def fingerprint(model: nn.Module, cfg: TrainConfig, rows: PackedRows) -> dict[str, Any]:
+def fingerprint(model: nn.Module, cfg: TrainRecipe, rows: PackedRows) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the model build, the recipe and the training rows."""
-    recipe = {k: v for k, v in asdict(cfg).items() if k not in RESUME_NEUTRAL}
+    recipe = cfg.model_dump(mode="json", exclude=RESUME_NEUTRAL)
     return {"model": build_info(model), "train": recipe, "data": {"rows": len(rows), "row_ids": hash_json(rows.row_id)}}
 
 
-def train(model: nn.Module, train_rows: PackedRows, heldout_rows: PackedRows | None, cfg: TrainConfig,
+def train(model: nn.Module, train_rows: PackedRows, heldout_rows: PackedRows | None, cfg: TrainRecipe,
           out_dir: Path, pad_id: int, log: Callable[[str], None] = print, *, runtime: Runtime | None = None,
-          ckpt_dir: Path | None = None, resume: bool = False) -> dict[str, Any]:
+          ckpt_dir: Path | None = None, resume: bool = False, time_budget_s: float = 0.0,
+          eval_every_s: float = 0.0) -> dict[str, Any]:
     """Train in place; write metrics.jsonl, model.safetensors and model.json to out_dir; return the summary.
 
     `runtime` is the process's device/rank (default: a single process on `cfg.device`). With
     `ckpt_dir`, checkpoints are written every `cfg.checkpoint_every` steps; with `resume`, training
     continues from the newest checkpoint there that verifies and matches this run.
+
+    Time-boxed runs (the architecture benchmark) stop once `time_budget_s` seconds were spent training
+    (held-out evals not counted) and evaluate every `eval_every_s` training seconds; 0 = off. They are
+    arguments, not recipe fields: they bound one run and are no setting of how a model trains.
+    metrics.jsonl then has `train_s`.
     """
     rt = runtime or setup(cfg.device, cfg.precision)
     try:
-        return _Loop(model, train_rows, heldout_rows, cfg, Path(out_dir), pad_id, log, rt, ckpt_dir).run(resume)
+        loop = _Loop(model, train_rows, heldout_rows, cfg, Path(out_dir), pad_id, log, rt, ckpt_dir)
+        return loop.run(resume, time_budget_s, eval_every_s)
     finally:
         if runtime is None:
             rt.close()
 
 
 class _Loop:
-    def __init__(self, model: nn.Module, rows: PackedRows, heldout: PackedRows | None, cfg: TrainConfig,
+    def __init__(self, model: nn.Module, rows: PackedRows, heldout: PackedRows | None, cfg: TrainRecipe,
                  out_dir: Path, pad_id: int, log: Callable[[str], None], rt: Runtime, ckpt_dir: Path | None):
         if cfg.batch_size % (cfg.grad_accum * rt.world):
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by grad_accum x devices "
                              f"= {cfg.grad_accum} x {rt.world}")
-        if cfg.schedule not in ("cosine", "linear"):
-            raise ValueError(f"schedule {cfg.schedule!r}: expected cosine or linear")
         self.model, self.rows, self.heldout, self.cfg, self.rt = model, rows, heldout, cfg, rt
         self.out_dir, self.pad_id, self.ckpt_dir = out_dir, pad_id, ckpt_dir
         self.log = log if rt.is_main else (lambda _: None)
@@ -286,7 +263,7 @@ class _Loop:
         return ckpt.step, int(state["n_acc"])
 
     # ---- the loop -----------------------------------------------------------------------------------
-    def run(self, resume: bool) -> dict[str, Any]:
+    def run(self, resume: bool, time_budget_s: float = 0.0, eval_every_s: float = 0.0) -> dict[str, Any]:
         cfg, rt = self.cfg, self.rt
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.fp = fingerprint(self.model, cfg, self.rows)
@@ -296,8 +273,8 @@ class _Loop:
         start, n_acc = self.restore(loss_acc) if resume and self.ckpt_dir is not None else (0, 0)
         n_tok, t_last, t_start = 0, time.perf_counter(), None
         final_loss, held = float("nan"), None
-        timed = cfg.time_budget_s > 0 or cfg.eval_every_s > 0
-        t_begin, eval_s, next_eval_s, last = time.perf_counter(), 0.0, cfg.eval_every_s, start
+        timed = time_budget_s > 0 or eval_every_s > 0
+        t_begin, eval_s, next_eval_s, last = time.perf_counter(), 0.0, eval_every_s, start
         for step in range(start + 1, cfg.steps + 1):
             lr = self.step(step - 1, loss_acc)
             n_acc += 1
@@ -305,7 +282,7 @@ class _Loop:
             last = step
             t_start = t_start or time.perf_counter()  # first step (compile, warm-up) is not timed
             train_s = time.perf_counter() - t_begin - eval_s
-            out_of_time = 0 < cfg.time_budget_s <= train_s
+            out_of_time = 0 < time_budget_s <= train_s
             eval_due = 0 < next_eval_s <= train_s
             if timed and rt.world > 1:  # clocks differ across ranks: all must evaluate and stop at the same step
                 flags = rt.sum(torch.tensor([float(out_of_time), float(eval_due)], device=rt.device))
@@ -318,12 +295,12 @@ class _Loop:
                 held = self.evaluate() if evaluated else None
                 eval_s += time.perf_counter() - t_eval
                 if eval_due:  # the next multiple of eval_every_s after now
-                    next_eval_s = (train_s // cfg.eval_every_s + 1) * cfg.eval_every_s
+                    next_eval_s = (train_s // eval_every_s + 1) * eval_every_s
                 self.write_metrics(step, lr, final_loss, tok_s, held, train_s if timed else None)
                 loss_acc.zero_()
                 n_acc, n_tok, t_last = 0, 0, time.perf_counter()  # eval time is not counted in tok/s
             if out_of_time:
-                self.log(f"time budget {cfg.time_budget_s:g}s reached after step {step} ({train_s:.1f}s training)")
+                self.log(f"time budget {time_budget_s:g}s reached after step {step} ({train_s:.1f}s training)")
                 break
             if self.ckpt_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
                     and step < cfg.steps:
@@ -332,7 +309,7 @@ class _Loop:
         summary = {"final_loss": _finite(final_loss),
                    "final_heldout_loss": held["nats_per_token"] if held else None,
                    "final_heldout_bpb": _finite(held["bits_per_byte"]) if held else None,
-                   "alpha_l2": alpha, "gates": gates, "train_config": asdict(cfg)}
+                   "alpha_l2": alpha, "gates": gates, "train_config": cfg.model_dump(mode="json")}
         meta = save_model(self.model, self.out_dir, summary) if rt.is_main else summary
         rt.barrier("saved")
         elapsed = time.perf_counter() - (t_start or time.perf_counter())

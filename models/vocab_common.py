@@ -15,7 +15,7 @@ cross-position *sources* by it, so padding is never read and a padded row equals
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,8 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.config import check_keys
 from models.gpt import masked_cross_entropy, rms_norm
-from models.registry import check_keys, register
+from tinymars.domain import VOCAB_ARCH_KEYS
 
 
 def softcap(logits: Tensor, cap: float) -> Tensor:
@@ -113,16 +114,20 @@ class TokenCache:
         self.cursor = torch.zeros((), dtype=torch.long, device=device)
 
 
-def register_vocab_arch(name: str, cls: type[VocabLM], defaults: dict[str, Any]) -> None:
-    """Register `cls` as arch `name`; its spec keys are the defaults' keys (checked, typos refused).
+def vocab_builder(name: str, cls: type[VocabLM], defaults: dict[str, Any]) -> Callable[..., VocabLM]:
+    """The builder of arch `name` (models.architectures adds it); its spec keys are the profile's
+    (tinymars.domain.VOCAB_ARCH_KEYS), each with a default here; typos are refused.
 
     Channel fields are accepted (shared profiles) and ignored, as the baseline's builder does.
     """
     keys = frozenset(defaults)
+    if keys != set(VOCAB_ARCH_KEYS[name]):
+        raise ValueError(f"{name}: defaults {sorted(keys)} differ from tinymars.domain.VOCAB_ARCH_KEYS "
+                         f"{sorted(VOCAB_ARCH_KEYS[name])}")
 
     def build_vocab_model(spec: dict[str, Any], *, vocab_size: int, seq_len: int, channel_names: Sequence[str] = (),
                           channel_dim: int = 0) -> VocabLM:
         check_keys(spec, keys, ())
         return cls(vocab_size, seq_len, **{**defaults, **{k: spec[k] for k in keys if k in spec}})
 
-    register(name)(build_vocab_model)
+    return build_vocab_model

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.gpt import rms_norm
-from models.vocab_common import VocabLM, register_vocab_arch
+from models.vocab_common import VocabLM, vocab_builder
 
 DEFAULTS = {"hops": 8, "kernel": 16, "fourier_basis": 16, "op_width": 128, "softcap": 30.0}
 
@@ -99,4 +99,4 @@ class VocabConv(VocabLM):
         return x
 
 
-register_vocab_arch("vocab_conv", VocabConv, DEFAULTS)
+build_vocab_conv = vocab_builder("vocab_conv", VocabConv, DEFAULTS)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.gpt import rms_norm
-from models.vocab_common import VocabLM, register_vocab_arch
+from models.vocab_common import VocabLM, vocab_builder
 
 DEFAULTS = {"rank": 8, "hops": 8, "softcap": 30.0}
 
@@ -94,4 +94,4 @@ class VocabGraph(VocabLM):
         return x
 
 
-register_vocab_arch("vocab_graph", VocabGraph, DEFAULTS)
+build_vocab_graph = vocab_builder("vocab_graph", VocabGraph, DEFAULTS)

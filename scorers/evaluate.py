@@ -35,10 +35,11 @@ from scorers.relief import score_relief
 from scorers.selection import dominant
 from scorers.similarity import score_similarity
 from scorers.stats import binom_test, clopper_pearson, mcnemar_exact, sign_test
+from tinymars.domain import CAPABILITIES
 
 __all__ = ["CAPABILITY_ORDER", "DEFAULT_SETTINGS", "format_markdown", "score_all", "score_generations"]
 
-CAPABILITY_ORDER = ("memory", "identity", "continuity", "affect", "time", "ethics")
+CAPABILITY_ORDER = CAPABILITIES  # report order
 BASE_ARMS = ("mars", "ablated")
 ARM_ORDER = (*BASE_ARMS, "text", "steer")  # report order; an arm unknown here comes after, sorted
 
@@ -266,3 +267,33 @@ def score_all(records: list[dict[str, Any]], settings: dict[str, Any] | None = N
         # how the STEER arm was injected (layer, multiplier, ...); absent for runs without it (old scores re-check)
         **({"steer": meas["steer"]} if meas.get("steer") else {}),
     }
+
+
+VERDICT_CODE = {"supported": 1.0, "underpowered": 0.5, "not supported": 0.0}  # a verdict as one number
+
+
+def headline_metrics(scores: dict[str, Any]) -> dict[str, float]:
+    """Flat numbers for the lineage metrics table and `tinymars compare` (the full tables stay in scores.json)."""
+    out: dict[str, float] = {}
+    for cap, block in scores["capabilities"].items():
+        for k, v in block.items():
+            if isinstance(v, int | float) and not isinstance(v, bool):
+                out[f"{cap}.{k}"] = float(v)
+    for row in scores["channel_vs_text"]:
+        for arm, a in row["arms"].items():
+            if a["rate"] is not None:
+                out[f"{row['capability']}.{row['kind']}.{arm}_rate"] = float(a["rate"])
+        extra = row["tokens"].get("text_extra_prompt_tokens")
+        if extra is not None:
+            out[f"{row['capability']}.{row['kind']}.text_extra_prompt_tokens"] = float(extra)
+    for h in scores["hypotheses"]:
+        out[f"hypothesis.{h['id']}.verdict"] = VERDICT_CODE[h["verdict"]]
+        for m in h["members"]:
+            out[f"hypothesis.{h['id']}.{m['capability']}.p_holm"] = float(m["p_holm"])
+    for name, r in scores["relief"]["models"].items():
+        out[f"relief.{name}.zeroed_nats"] = float(r["channels_zeroed"]["nats_per_token"])
+        if r["channels_zeroed"].get("bits_per_byte") is not None:
+            out[f"relief.{name}.zeroed_bpb"] = float(r["channels_zeroed"]["bits_per_byte"])
+    if scores["gates"]:
+        out["gates.alpha_l2"] = float(scores["gates"]["alpha_l2"])
+    return out

@@ -1,4 +1,4 @@
-"""Read saved generations back, checking each record has what the scorers need (offline re-scoring)."""
+"""The eval artifact's files: generations read back and checked (offline re-scoring), JSON written in report order."""
 
 from __future__ import annotations
 
@@ -40,3 +40,15 @@ def read_generations(path: str | Path) -> list[dict[str, Any]]:
     if not records:
         raise GenerationsError(f"{path}: holds no generation records")
     return records
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Strict JSON (no NaN) in the object's own key order: the scorers build their dicts in report order
+    (capabilities canonical, arms mars / ablated / text), and a re-read report must keep that order."""
+    path.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n", encoding="utf-8")

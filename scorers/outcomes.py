@@ -16,12 +16,11 @@ from typing import Any
 
 from scorers.register import follows_pole, register_gap, vader_compound
 from scorers.selection import dominant
+from tinymars.domain import REGISTER_CAPABILITIES, SELECTION_CAPABILITIES
 
 METRIC_KIND = {"dominant": "selection", "directional": "register", "gap": "register", "vader_gap": "register",
                "conflict": "conflict"}
 BINARY_METRICS = ("dominant", "directional", "conflict")
-SELECTION_CAPABILITIES = ("memory", "identity", "continuity")
-REGISTER_CAPABILITIES = ("affect", "time", "ethics")
 
 
 def applies(metric: str, capability: str) -> bool:

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from scorers.text import clauses, words
+from tinymars.domain import REGISTER_CAPABILITIES
 
 LEXICON_PATH = Path(__file__).with_name("lexicons.json")
-REGISTER_CAPABILITIES = ("affect", "time", "ethics")
 POLES = ("+", "-")
 
 

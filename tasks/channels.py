@@ -11,9 +11,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from safetensors.torch import save_file
 
-from tasks.common import artifact_of, logger, resolve_device, run_stage
-from tasks.corpus import read_rows
-from tinymars.profile import TEXT_CHANNELS, Profile
+from corpus.rows import read_rows
+from models.distributed import resolve_device
+from tasks.common import artifact_of, logger, run_stage
+from tinymars.domain import TEXT_CHANNELS
+from tinymars.profile import Profile
 
 
 @task(name="channels", cache_policy=NO_CACHE, retries=1)
@@ -48,11 +50,3 @@ def channels_task(profile: Profile, home: str, corpus: dict[str, Any], force: bo
 
     return run_stage("channels", home, profile.section("channels"), {"corpus": corpus_art}, build, force)
 
-
-def load_channels(artifact_dir: Path) -> dict[str, Any]:
-    """The channel matrices of a channels artifact as numpy arrays, in the profile's channel order."""
-    from safetensors.numpy import load_file
-
-    info = json.loads((artifact_dir / "channels.json").read_text())
-    mats = load_file(str(artifact_dir / "channels.safetensors"))
-    return {name: mats[name] for name in info["names"]}

@@ -24,22 +24,26 @@ ROOT = Path(__file__).resolve().parents[1]
 # The source files each stage runs; editing one invalidates that stage (and, through content
 # hashes, whatever its output change reaches downstream).
 STAGE_SOURCES: dict[str, tuple[str, ...]] = {
-    "corpus": ("corpus/template_teacher.py", "corpus/encode.py", "corpus/data", "tasks/corpus.py",
-               "scorers/register.py", "scorers/selection.py", "scorers/text.py", "scorers/lexicons.json"),
-    "channels": ("corpus/channels.py", "corpus/encode.py", "corpus/embed.py", "tasks/channels.py"),
+    "corpus": ("corpus/template_teacher.py", "corpus/rows.py", "corpus/encode.py", "corpus/data", "tasks/corpus.py",
+               "scorers/register.py", "scorers/selection.py", "scorers/text.py", "scorers/lexicons.json",
+               "tinymars/domain.py"),
+    "channels": ("corpus/channels.py", "corpus/encode.py", "corpus/embed.py", "tasks/channels.py",
+                 "tinymars/domain.py"),
     "tokenizer": ("corpus/tokenizer.py", "tasks/tokenizer.py"),
     "pack": ("corpus/pack.py", "corpus/tokenizer.py", "tasks/pack.py"),
     "train": (
-        "models/config.py", "models/gpt.py", "models/registry.py", "models/data.py", "models/trainer.py",
-        "models/adapter.py", "models/checkpoint.py", "models/distributed.py", "models/sizing.py",
+        "models/config.py", "models/gpt.py", "models/architectures.py", "models/data.py", "models/trainer.py",
+        "models/adapter.py", "models/checkpoint.py", "models/weights.py", "models/distributed.py", "models/sizing.py",
         "models/launch.py", "models/train_cli.py", "tasks/train.py",
-        "models/vocab_common.py", "models/vocab_graph.py", "models/vocab_conv.py",
+        "models/vocab_common.py", "models/vocab_graph.py", "models/vocab_conv.py", "tinymars/domain.py",
     ),
     "steer": ("corpus/concepts.py", "corpus/encode.py", "corpus/tokenizer.py", "models/activations.py",
-              "models/steering.py", "models/adapter.py", "models/checkpoint.py", "models/config.py",
-              "models/gpt.py", "models/registry.py", "scorers/concept_quality.py", "tasks/steering.py"),
-    "eval": ("models", "scorers", "corpus/tokenizer.py", "corpus/encode.py", "corpus/concepts.py", "tasks/eval.py"),
-    "report": ("scorers", "tasks/report.py", "tasks/report_html.py", "tasks/report_plots.py"),
+              "models/steering.py", "models/adapter.py", "models/checkpoint.py", "models/weights.py",
+              "models/config.py", "models/gpt.py", "models/architectures.py", "scorers/concept_quality.py",
+              "tasks/steering.py", "tinymars/domain.py"),
+    "eval": ("models", "scorers", "corpus/tokenizer.py", "corpus/encode.py", "corpus/concepts.py", "corpus/rows.py",
+             "corpus/channels.py", "tasks/eval.py", "tinymars/domain.py"),
+    "report": ("scorers", "tasks/report.py", "tasks/report_html.py", "tasks/report_plots.py", "tinymars/domain.py"),
 }
 
 
@@ -111,15 +115,6 @@ def run_stage(
         "metrics": [{"key": k, "value": v} for k, v in sorted(metrics.items()) if _is_number(v)],
         "teacher_calls": handed_back.get("teacher_calls", []),
     }
-
-
-def resolve_device(device: str) -> str:
-    """'auto' means the accelerator when there is one; anything else is taken as given."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def artifact_of(result: dict[str, Any]) -> Artifact:

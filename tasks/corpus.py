@@ -18,24 +18,20 @@ from prefect.cache_policies import NO_CACHE
 
 from tasks.common import ROOT, logger, run_stage
 from tinymars.artifacts import code_version
+from tinymars.domain import TEACHER_LIMIT
 from tinymars.profile import Profile
 
 # What a teacher corpus's rows depend on beyond STAGE_SOURCES and the profile (prompt files are hashed by
 # content): planning, answer parsing, pre-flight scorers, replay. A rebuild after an edit is free: the call
 # cache answers every call it has seen.
 TEACHER_SOURCES = ("corpus/teacher_corpus.py", "corpus/teacher_prompts.py", "corpus/openai_teacher.py",
-                   "corpus/replay.py", "scorers/register.py", "scorers/selection.py", "scorers/text.py",
-                   "scorers/lexicons.json")
+                   "corpus/rows.py", "corpus/replay.py", "scorers/register.py", "scorers/selection.py",
+                   "scorers/text.py", "scorers/lexicons.json")
 # Teacher settings that cannot change a row (transport, pacing, money): left out of the stage key, so
 # changing them never rebuilds a finished corpus (which, without its call cache, would mean paying again).
 NOT_IN_KEY = ("base_url", "api_key_env", "free", "max_concurrency", "timeout_s", "max_usd", "price",
               "requests_per_minute", "tokens_per_minute", "max_retries", "backoff_s", "backoff_max_s",
               "max_retry_after_s", "structured_output", "batch", "batch_poll_s", "prompts_dir")
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def key_section(profile: Profile) -> dict[str, Any]:
@@ -116,7 +112,6 @@ def corpus_task(profile: Profile, home: str, force: bool = False) -> dict[str, A
     return run_stage("corpus", home, key_section(profile), {}, build, force)
 
 
-TEACHER_LIMIT = "tinymars-teacher"
 
 
 def teacher_gate():

@@ -13,35 +13,16 @@ With the `steer` arm the steer stage's readout is an input, and the arm's inject
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.channels import load_channels
+from corpus.channels import load_channels
+from corpus.rows import read_rows
 from tasks.common import artifact_of, logger, run_stage
-from tasks.corpus import read_rows
 from tinymars.profile import Profile
-
-VERDICT_CODE = {"supported": 1.0, "underpowered": 0.5, "not supported": 0.0}
-
-
-def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Strict JSON (no NaN) in the object's own key order: the scorers build their dicts in report order
-    (capabilities canonical, arms mars / ablated / text), and a re-read report must keep that order."""
-    path.write_text(json.dumps(obj, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-
-
-def _finite(loss: dict[str, Any]) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in loss.items()}
 
 
 @task(name="eval", cache_policy=NO_CACHE)
@@ -76,12 +57,14 @@ def eval_task(
         import torch
 
         from corpus.tokenizer import Tokenizer
+        from models.checkpoint import load_model
         from models.data import load_split
         from models.eval_arms import generate_arms, select_eval_rows
         from models.generate import Sampling
+        from models.measure import gate_summary, relief_losses
         from models.steer_hook import load_steer_arm
-        from models.trainer import heldout_loss, load_model
-        from scorers.evaluate import score_all
+        from scorers.evaluate import headline_metrics, score_all
+        from scorers.io import write_json, write_jsonl
 
         log = logger()
         torch.manual_seed(0)
@@ -110,19 +93,8 @@ def eval_task(
 
         log.info("[eval] relief valve: held-out target loss per model")
         heldout = load_split([Path(inputs["pack"].path) / n for n in meta["shards"]["heldout"]])
-        kw = dict(batch_size=section.batch_size, seq_len=meta["seq_len"], pad_id=meta["pad_id"])
-        relief = {}
-        for name, model in sorted(models.items()):
-            has_channels = bool(getattr(getattr(model, "cfg", None), "has_channels", False))
-            relief[name] = {"has_channels": has_channels,
-                            "channels_zeroed": _finite(heldout_loss(model, heldout, zero_channels=True, **kw))}
-            if has_channels:
-                relief[name]["channels_on"] = _finite(heldout_loss(model, heldout, zero_channels=False, **kw))
-        gates = {}
-        m = models[target]
-        if hasattr(m, "gate_values"):
-            gates = {"alpha_l2": float(m.alpha_l2()), "channel_names": meta["channel_names"],
-                     "per_layer": [[round(float(x), 6) for x in layer] for layer in m.gate_values().tolist()]}
+        relief = relief_losses(models, heldout, section.batch_size, meta["seq_len"], meta["pad_id"])
+        gates = gate_summary(models[target], meta["channel_names"])
         measurements = {"model": target, "relief": relief, "gates": gates,
                         **({"steer": arm.describe()} if arm is not None else {})}
         settings = section.scoring()
@@ -133,30 +105,3 @@ def eval_task(
         return {"rows": len(records), "meta": {"metrics": headline_metrics(scores)}}
 
     return run_stage("eval", home, key_section, inputs, build, force)
-
-
-def headline_metrics(scores: dict[str, Any]) -> dict[str, float]:
-    """Flat numbers for the lineage metrics table and `tinymars compare` (the full tables stay in scores.json)."""
-    out: dict[str, float] = {}
-    for cap, block in scores["capabilities"].items():
-        for k, v in block.items():
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                out[f"{cap}.{k}"] = float(v)
-    for row in scores["channel_vs_text"]:
-        for arm, a in row["arms"].items():
-            if a["rate"] is not None:
-                out[f"{row['capability']}.{row['kind']}.{arm}_rate"] = float(a["rate"])
-        extra = row["tokens"].get("text_extra_prompt_tokens")
-        if extra is not None:
-            out[f"{row['capability']}.{row['kind']}.text_extra_prompt_tokens"] = float(extra)
-    for h in scores["hypotheses"]:
-        out[f"hypothesis.{h['id']}.verdict"] = VERDICT_CODE[h["verdict"]]
-        for m in h["members"]:
-            out[f"hypothesis.{h['id']}.{m['capability']}.p_holm"] = float(m["p_holm"])
-    for name, r in scores["relief"]["models"].items():
-        out[f"relief.{name}.zeroed_nats"] = float(r["channels_zeroed"]["nats_per_token"])
-        if r["channels_zeroed"].get("bits_per_byte") is not None:
-            out[f"relief.{name}.zeroed_bpb"] = float(r["channels_zeroed"]["bits_per_byte"])
-    if scores["gates"]:
-        out["gates.alpha_l2"] = float(scores["gates"]["alpha_l2"])
-    return out

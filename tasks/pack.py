@@ -8,9 +8,9 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.channels import load_channels
+from corpus.channels import load_channels
+from corpus.rows import read_rows
 from tasks.common import artifact_of, logger, run_stage
-from tasks.corpus import read_rows
 from tinymars.profile import Profile
 
 

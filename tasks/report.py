@@ -93,7 +93,7 @@ def report_figures(curves: dict[str, list[dict[str, Any]]], scores: dict[str, An
 
 def iteration_metrics(profile: Profile, models: dict[str, dict], scores: dict[str, Any]) -> dict[str, Any]:
     """metrics.json: the per-iteration numbers (`tinymars compare` reads it), no wall-clock figures."""
-    from tasks.eval import headline_metrics
+    from scorers.evaluate import headline_metrics
 
     return {
         "profile": profile.name,
@@ -142,7 +142,7 @@ def report_task(
               **{f"model:{n}": artifact_of(r) for n, r in sorted(trained.items())}}
 
     def build(out: Path) -> dict[str, Any]:
-        from tasks.eval import write_json
+        from scorers.io import write_json
         from tasks.report_html import render_html
 
         pack_meta = json.loads(inputs["pack"].file("pack.json").read_text())

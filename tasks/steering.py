@@ -16,8 +16,9 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import artifact_of, logger, resolve_device, run_stage
-from tasks.corpus import read_rows
+from corpus.rows import read_rows
+from models.distributed import resolve_device
+from tasks.common import artifact_of, logger, run_stage
 from tinymars.artifacts import write_atomic
 from tinymars.profile import Profile, SteeringSection
 
@@ -72,7 +73,7 @@ def write_readout(model: Any, encode: Any, texts: dict[str, tuple[list[str], lis
 
 def steer_applies(profile: Profile) -> bool:
     """The steer stage runs when enabled and the corpus has a concept to read (affect, time or ethics)."""
-    from corpus.concepts import CONCEPTS
+    from tinymars.domain import CONCEPTS
 
     return profile.steering.enabled and bool(set(profile.corpus.capabilities) & set(CONCEPTS))
 

@@ -8,8 +8,8 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from corpus.rows import read_rows
 from tasks.common import artifact_of, run_stage
-from tasks.corpus import read_rows
 from tinymars.profile import Profile
 
 

@@ -45,18 +45,6 @@ def split_wall_clock(out: Path) -> None:
     (out / TIMING_FILE).write_text("".join(json.dumps(r) + "\n" for r in timing))
 
 
-def train_config(profile: Profile) -> dict[str, Any]:
-    """models.trainer.TrainConfig fields from the profile's train section."""
-    t = profile.train
-    return {"steps": t.steps, "batch_size": t.batch_size, "lr": t.lr, "min_lr_frac": t.min_lr_frac,
-            "warmup_steps": t.warmup_steps, "weight_decay": t.weight_decay, "grad_clip": t.grad_clip,
-            "log_every": t.log_every, "eval_every": t.eval_every, "seed": t.seed,
-            "channel_dropout": t.channel_dropout, "gate_lr_mult": t.gate_lr_mult,
-            "channel_dropout_warmup": t.warmup_steps if t.channel_dropout_warmup is None else t.channel_dropout_warmup,
-            "device": t.device, "compile": t.compile, "grad_accum": t.grad_accum, "schedule": t.schedule,
-            "precision": t.precision, "checkpoint_every": t.checkpoint_every, "keep_checkpoints": t.keep_checkpoints}
-
-
 @contextlib.contextmanager
 def exclusive(lock_path: Path, log: Any) -> Iterator[None]:
     """Hold an exclusive flock (released by the OS if this process dies); wait if another run holds it."""
@@ -90,19 +78,13 @@ def train_task(
     def build(out: Path) -> dict[str, Any]:
         from models.distributed import default_nproc, resolve_kind
         from models.launch import launch_command, run_streaming
+        from models.train_cli import make_job
 
         t = profile.train
         log = logger()
         kind = resolve_kind(t.device)
         nproc = default_nproc(t.device) if t.devices == "auto" else t.devices
-        shard = lambda split: [str(Path(pack_art.path) / n) for n in meta["shards"][split]]  # noqa: E731
-        job = {"spec": registry_spec,
-               "build": {k: meta[k] for k in ("vocab_size", "seq_len", "channel_names", "channel_dim")} | {
-                   "seed": t.seed},
-               "data": {"train": shard("train"), "heldout": shard("heldout"), "channel_dim": meta["channel_dim"],
-                        "pad_id": meta["pad_id"]},
-               "train": train_config(profile) | {"device": kind}, "nproc": nproc, "out_dir": str(out),
-               "ckpt_dir": str(work / "ckpt"), "resume": t.resume, "result": str(work / "result.json")}
+        job = make_job(t.recipe(), kind, nproc, registry_spec, Path(pack_art.path), meta, out, work, t.resume)
         with exclusive(work / "lock", log):
             done = None if force else ArtifactStore(Path(home) / "artifacts").lookup("train", key)
             if done is not None:  # a concurrent run trained this very key while we waited: adopt, don't retrain

@@ -2,7 +2,7 @@
 
 `tinymars run` pays ~5 s of imports (torch, prefect) before any stage starts; at 20+ kills per
 test that is most of the budget. A `Zygote` imports everything once and forks a fresh process per
-run that calls `tinymars.cli.main(["run", ...])` with its output in a log file: a real run process
+run that calls `app.cli.main(["run", ...])` with its output in a log file: a real run process
 (its own pid, Prefect flow run, trainer children, lineage writes) that the caller SIGKILLs like a
 user would. The runs talk to one Prefect API (the test harness's) instead of each starting a server.
 """
@@ -33,7 +33,7 @@ def _serve() -> None:
     import sentence_transformers  # noqa: F401
 
     import flows.iteration  # noqa: F401  (the expensive imports, done once)
-    from tinymars.cli import main
+    from app.cli import main
 
     children: set[int] = set()
     out = sys.stdout

@@ -11,11 +11,12 @@ import torch
 from test_models import NAMES, PAD, C, D, T, V, future_leak, livelier, naive_greedy, sign_rows, tiny, write_shard
 
 from models.adapter import AdapterLM
+from models.architectures import build
 from models.checkpoint import load_model, save_model
 from models.data import load_split
 from models.generate import generate
-from models.registry import build
-from models.trainer import TrainConfig, train
+from models.trainer import train
+from tinymars.profile import TrainRecipe
 
 BASES = ("gpt2", "llama", "ours")
 
@@ -118,7 +119,7 @@ def test_base_is_frozen_and_kept_out_of_the_state(bases, tmp_path: Path) -> None
 
     write_shard(tmp_path / "t.parquet", sign_rows(32, seed=0))
     rows = load_split([tmp_path / "t.parquet"], channel_dim=D)
-    cfg = TrainConfig(steps=6, batch_size=8, lr=3e-3, warmup_steps=2, weight_decay=0.1, log_every=3, eval_every=6,
+    cfg = TrainRecipe(steps=6, batch_size=8, lr=3e-3, warmup_steps=2, weight_decay=0.1, log_every=3, eval_every=6,
                       seed=0, gate_lr_mult=10.0)
     summary = train(model, rows, rows, cfg, tmp_path / "run", pad_id=PAD, log=lambda s: None)
     assert summary["alpha_l2"] > 0 and summary["arch"] == "adapter"
@@ -170,7 +171,7 @@ def test_bad_bases_give_clear_errors(bases, tmp_path: Path) -> None:
 
 
 def test_adapter_sizes_are_counted_without_reading_the_base(bases, monkeypatch) -> None:
-    from models.registry import count_params
+    from models.architectures import count_params
     from models.sizing import count_spec_params, registry_specs
 
     kw = {"vocab_size": V, "seq_len": T, "channel_names": NAMES, "channel_dim": D}

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tinymars.cli import main
+from app.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TEXT = (ROOT / "tinymars" / "profiles" / "tiny.yaml").read_text()
@@ -337,7 +337,7 @@ CHANNEL_CASES = {
     "inf-hour": (_row("time", {"hour": math.inf, "weekday": 1}), "time.hour must be an integer in 0..23, got inf"),
     "missing-field": (_row("affect", {"valence": 0.5}), "row r0: the affect channel state lacks field 'saliency'"),
     "unknown-ethics-category": (_row("ethics", {"caution": 0.5, "category": "astrology"}),
-                                "ethics.category 'astrology' is not one of corpus.encode.ETHICS_CATEGORIES"),
+                                "ethics.category 'astrology' is not one of tinymars.domain.ETHICS_CATEGORIES"),
     "empty-memory-text": (_row("memory", {"salient_item": 0, "text": "  "}),
                           "row r0: empty text for the memory channel"),
 }
@@ -417,8 +417,8 @@ def test_tokenizer_on_an_empty_corpus(tmp_path):
 # ------------------------------------------------------------------ checkpoints of another model shape
 @pytest.fixture
 def tiny_model_dir(tmp_path) -> Path:
+    from models.architectures import build
     from models.checkpoint import save_model
-    from models.registry import build
 
     spec = {"arch": "native", "n_layer": 1, "n_head": 2, "d_model": 16}
     model = build(spec, vocab_size=300, seq_len=32, channel_names=["affect"], channel_dim=2, seed=0)
@@ -427,7 +427,8 @@ def tiny_model_dir(tmp_path) -> Path:
 
 
 def test_eval_load_of_weights_from_another_shape(tiny_model_dir):
-    from models.checkpoint import CheckpointError, load_model
+    from models.checkpoint import load_model
+    from models.weights import CheckpointError
 
     meta = json.loads((tiny_model_dir / "model.json").read_text())
     meta["build"]["spec"]["d_model"] = 32  # the recorded recipe no longer matches the weights
@@ -439,14 +440,16 @@ def test_eval_load_of_weights_from_another_shape(tiny_model_dir):
 
 
 def test_eval_load_of_a_folder_without_model_json(tmp_path):
-    from models.checkpoint import CheckpointError, load_model
+    from models.checkpoint import load_model
+    from models.weights import CheckpointError
 
     with pytest.raises(CheckpointError, match=r"model.json: missing; .* is not a trained model folder"):
         load_model(tmp_path)
 
 
 def test_resume_from_a_checkpoint_of_another_model(tmp_path, tiny_model_dir):
-    from models.checkpoint import CheckpointError, latest_checkpoint, write_checkpoint
+    from models.checkpoint import latest_checkpoint, write_checkpoint
+    from models.weights import CheckpointError
 
     files = {"model.safetensors": (tiny_model_dir / "model.safetensors").read_bytes(), "optimizer.pt": b"o",
              "state.pt": b"s", "metrics.jsonl": b""}
@@ -461,8 +464,8 @@ def test_resume_from_a_checkpoint_of_another_model(tmp_path, tiny_model_dir):
 
 
 def test_checkpoint_weights_into_a_model_of_another_shape(tmp_path, tiny_model_dir):
-    from models.checkpoint import CheckpointError, load_weights
-    from models.registry import build
+    from models.architectures import build
+    from models.weights import CheckpointError, load_weights
 
     other = build({"arch": "native", "n_layer": 2, "n_head": 2, "d_model": 16}, vocab_size=300, seq_len=32,
                   channel_names=["affect"], channel_dim=2, seed=0)

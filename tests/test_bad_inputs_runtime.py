@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.cli import main
 from tests.openai_server import FakeOpenAI
 from tests.teacher_support import FAKE_KEY, KEY_ENV, profile_data
 from tinymars.artifacts import sha256_file, verify
-from tinymars.cli import main
 from tinymars.lineage import Lineage
 
 pytestmark = pytest.mark.slow
@@ -167,7 +167,7 @@ def test_full_disk_fails_cleanly_and_keeps_nothing_half_written(good):
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "OMP_NUM_THREADS": "1"}
-    argv = [sys.executable, "-m", "tinymars.cli", "run", "--profile", good["profile"], "--home", str(good["home"]),
+    argv = [sys.executable, "-m", "app.cli", "run", "--profile", good["profile"], "--home", str(good["home"]),
             "--only", "channels", "--set", "channels.enabled.affect.dim=16384"]
     out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limited)
     assert out.returncode == 1, out.stderr[-3000:]

@@ -11,12 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from app.cli import main
 from corpus.pack import pack_rows
 from corpus.tokenizer import Tokenizer, train_tokenizer
-from models.arch_bench import MAX_STEPS, bench_config, bench_model
+from models.bench_arch import MAX_STEPS, bench_model, bench_recipe
 from models.checkpoint import load_model
 from models.data import load_split
-from tinymars.cli import main
+from tinymars.profile import TrainRecipe
 
 TEXTS = [("Plan my Sunday?", "Walk Rex by the river, then café au lait at nine."),
          ("Summarise tomorrow.", "Meetings at ten; the report — finally — after lunch."),
@@ -56,10 +57,10 @@ def independent_bpb(model, tok: Tokenizer, rows: list[dict]) -> float:
                                   {"arch": "baseline", "n_layer": 1, "n_head": 2, "d_model": 16}])
 def test_val_bpb_matches_an_independent_computation(packed, spec, tmp_path):
     tok, rows, meta, split, _ = packed
-    recipe = {"steps": 1, "batch_size": 2, "lr": 0.01, "warmup_steps": 1, "weight_decay": 0.0, "log_every": 1,
-              "eval_every": 1, "seed": 0}
-    cfg = bench_config(recipe, budget_s=0.3, eval_points=2)
-    result = bench_model("m", spec, split["train"], split["heldout"], meta, cfg, tmp_path)
+    recipe = TrainRecipe(steps=1, batch_size=2, lr=0.01, warmup_steps=1, weight_decay=0.0, log_every=1,
+                         eval_every=1, seed=0)
+    cfg = bench_recipe(recipe)
+    result = bench_model("m", spec, split["train"], split["heldout"], meta, cfg, tmp_path, budget_s=0.3, eval_points=2)
     assert 1 <= result["steps"] < MAX_STEPS and result["curve"][-1]["train_s"] >= 0.3  # stopped by the budget
     want = independent_bpb(load_model(tmp_path), tok, [r for r in rows if r["split"] == "heldout"])
     assert result["val_bpb"] == pytest.approx(want, rel=1e-5)

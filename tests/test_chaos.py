@@ -106,7 +106,7 @@ def test_sigkill_of_tinymars_run_stops_prefects_temporary_server(tmp_path):
     env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
     log = tmp_path / "run.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tinymars.cli", *cs.run_argv(tmp_path / "home")], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", *cs.run_argv(tmp_path / "home")], cwd=ROOT,
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         family: set[int] = set()

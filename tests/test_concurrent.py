@@ -158,7 +158,7 @@ def _answer_in_child(base_url: str, cache: str, out: str) -> None:
 
     from corpus.call_cache import CallCache
     from corpus.openai_teacher import TeacherClient
-    from corpus.prices import resolve_price
+    from tinymars.prices import resolve_price
 
     settings = SimpleNamespace(
         base_url=base_url, model="gpt-4o-mini", api_key_env=None, max_concurrency=8, timeout_s=10.0,
@@ -200,10 +200,10 @@ def test_two_deployment_runs_on_one_worker_both_complete_and_reach_lineage(three
     """On the home the cold runs left (so mostly verified cache hits): both runs' stage rows written at once."""
     from prefect.settings import PREFECT_API_URL
 
-    from deploy.register import register
+    from deploy.deployments import apply_deployments
 
     home, printed = three_runs
-    register(str(home), ["iteration"])
+    apply_deployments(str(home), ["iteration"])
     local = LocalPrefect(tmp_path / "prefect-home", tmp_path / "logs", {"TINYMARS_HOME": str(home)},
                          api_url=PREFECT_API_URL.value())
     before = {r["run_id"] for r in Lineage(home / "lineage.duckdb").query("SELECT run_id FROM runs")}

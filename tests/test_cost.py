@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.cli import main
 from tasks.corpus import corpus_task
 from tests.openai_server import FakeOpenAI
 from tests.teacher_support import FAKE_KEY, KEY_ENV, make_profile, profile_data
-from tinymars.cli import main
 from tinymars.lineage import Lineage
 
 CALLS = 66  # tiny-sized teacher corpus: 3 x 4 x 3 selection + 3 x (4 + 1) x 2 register/conflict rows

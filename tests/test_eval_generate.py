@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from models.architectures import build
 from models.eval_arms import arm_prompt, followup_prompt, generate_arms
 from models.generate import Sampling, generate
-from models.registry import build
 
 V, C, D, PAD, EOS = 97, 2, 8, 0, 3
 

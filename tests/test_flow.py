@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tinymars.cli import main
+from app.cli import main
 from tinymars.lineage import Lineage
 
 pytestmark = pytest.mark.slow

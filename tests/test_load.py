@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import tasks.corpus
-from tasks.corpus import read_rows
+from corpus.rows import read_rows
 from tests.teacher_support import FAKE_KEY, KEY_ENV, ROOT, load_calls
 from tests.test_teacher_corpus import STATUS_OF, _assert_every_row_valid
 from tinymars.lineage import Lineage

@@ -17,12 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models.architectures import ARCHITECTURES, architecture, build, count_params
 from models.checkpoint import load_model, save_model
 from models.data import eval_batches, iterate_batches, load_split
 from models.generate import generate
 from models.gpt import ChannelDecoder
-from models.registry import REGISTRY, build, count_params, register
-from models.trainer import TrainConfig, heldout_loss, lr_at, train
+from models.trainer import heldout_loss, lr_at, train
+from tinymars.profile import TrainRecipe
 
 NAMES = ("memory", "affect", "time")
 C, D, V, T = len(NAMES), 8, 32, 16
@@ -164,7 +165,7 @@ def test_gates_learn_a_channel_only_signal(tmp_path) -> None:
     train_rows = load_split([tmp_path / "train-00000.parquet"], channel_dim=D)
     held = load_split([tmp_path / "heldout-00000.parquet"], channel_dim=D)
     model = tiny("native", seed=1)
-    cfg = TrainConfig(steps=120, batch_size=16, lr=3e-3, warmup_steps=10, weight_decay=0.1, log_every=40,
+    cfg = TrainRecipe(steps=120, batch_size=16, lr=3e-3, warmup_steps=10, weight_decay=0.1, log_every=40,
                       eval_every=120, seed=0, gate_lr_mult=10.0)
     summary = train(model, train_rows, held, cfg, tmp_path / "out", pad_id=PAD, log=lambda s: None)
     assert summary["alpha_l2"] > 0.05
@@ -194,7 +195,7 @@ def test_train_loss_decreases_and_writes_artifacts(tmp_path) -> None:
     write_shard(tmp_path / "train.parquet", rows)
     data = load_split([tmp_path / "train.parquet"], channel_dim=D)
     lines: list[str] = []
-    cfg = TrainConfig(steps=60, batch_size=8, lr=3e-3, warmup_steps=5, weight_decay=0.1, log_every=20,
+    cfg = TrainRecipe(steps=60, batch_size=8, lr=3e-3, warmup_steps=5, weight_decay=0.1, log_every=20,
                       eval_every=30, seed=0, channel_dropout=0.2, channel_dropout_warmup=10, gate_lr_mult=5.0)
     out = tmp_path / "run"
     summary = train(tiny("native"), data, data, cfg, out, pad_id=PAD, log=lines.append)
@@ -214,7 +215,7 @@ def test_train_loss_decreases_and_writes_artifacts(tmp_path) -> None:
 def test_training_is_deterministic(tmp_path) -> None:
     write_shard(tmp_path / "t.parquet", sign_rows(32, seed=0))
     data = load_split([tmp_path / "t.parquet"], channel_dim=D)
-    cfg = TrainConfig(steps=6, batch_size=4, lr=3e-3, warmup_steps=2, weight_decay=0.1, log_every=3,
+    cfg = TrainRecipe(steps=6, batch_size=4, lr=3e-3, warmup_steps=2, weight_decay=0.1, log_every=3,
                       eval_every=6, seed=3, channel_dropout=0.3)
     for name in ("a", "b"):
         train(tiny("native"), data, None, cfg, tmp_path / name, pad_id=PAD, log=lambda s: None)
@@ -223,7 +224,7 @@ def test_training_is_deterministic(tmp_path) -> None:
 
 
 def test_lr_schedule_warms_up_then_decays_to_floor() -> None:
-    cfg = TrainConfig(steps=100, batch_size=1, lr=1.0, warmup_steps=10, weight_decay=0.0, log_every=1,
+    cfg = TrainRecipe(steps=100, batch_size=1, lr=1.0, warmup_steps=10, weight_decay=0.0, log_every=1,
                       eval_every=1, seed=0, min_lr_frac=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(55, cfg) == pytest.approx(0.55)
@@ -288,7 +289,7 @@ def test_registry_errors_name_the_bad_key() -> None:
 
 
 def test_registry_builds_and_registers(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("models.registry.REGISTRY", dict(REGISTRY))
+    monkeypatch.setattr("models.architectures.ARCHITECTURES", dict(ARCHITECTURES))
     native, base = tiny("native"), tiny("baseline")
     assert base.encoder is None and native.encoder is not None
     assert count_params(native) == native.num_params() > count_params(base)
@@ -303,16 +304,16 @@ def test_registry_builds_and_registers(monkeypatch: pytest.MonkeyPatch) -> None:
     tiny("native", seed=9)  # a seed leaves the caller's RNG alone
     assert torch.equal(torch.random.get_rng_state(), state)
 
-    @register("wide-baseline")
+    @architecture("wide-baseline")
     def _wide(spec, **kw):
-        return REGISTRY["baseline"]({**spec, "d_model": 64}, **kw)
+        return ARCHITECTURES["baseline"]({**spec, "d_model": 64}, **kw)
 
-    from models import registry
-    assert registry.REGISTRY["wide-baseline"] is _wide
+    from models import architectures
+    assert architectures.ARCHITECTURES["wide-baseline"] is _wide
     wide = build({"arch": "wide-baseline", **TINY}, vocab_size=V, seq_len=T, channel_names=NAMES, channel_dim=D)
     assert wide.cfg.d_model == 64
     with pytest.raises(ValueError, match="already registered"):
-        register("native")(_wide)
+        architecture("native")(_wide)
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -451,8 +452,8 @@ def test_model_specs_validate_per_arch() -> None:
 
 
 def test_tinymars_models_prints_the_bracketing_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import main
     from models.sizing import count_spec_params
-    from tinymars.cli import main
 
     models = ("[{name: native, arch: native, n_layer: 3, n_head: 2, d_model: 32}, "
               "{name: lo, arch: baseline, bracket: below}, {name: hi, arch: baseline, bracket: above}]")

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tinymars.cli import main, preflight
+from app.cli import main
+from app.common import preflight
 from tinymars.profile import ProfileError, load_profile, shipped_profiles
 
 
@@ -121,9 +122,9 @@ def test_cli_exits_2_with_message_before_work(tmp_path, capsys):
 
 
 def test_cli_help_tells_the_commands():
-    out = subprocess.run([sys.executable, "-m", "tinymars.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "app.cli", "--help"], capture_output=True, text=True, check=True)
     for cmd in ("run", "validate", "runs", "lineage", "profiles"):
         assert cmd in out.stdout
-    out = subprocess.run([sys.executable, "-m", "tinymars.cli", "run", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "app.cli", "run", "--help"], capture_output=True, text=True,
                          check=True)
     assert "--refresh" in out.stdout and "--set" in out.stdout and "smoke" in out.stdout

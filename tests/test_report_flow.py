@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinymars.cli import main
+from app.cli import main
 from tinymars.lineage import Lineage
 
 pytestmark = pytest.mark.slow

@@ -182,10 +182,10 @@ def synthetic_generations() -> list[dict]:
 
 
 def test_scores_and_report_carry_steer_next_to_the_other_arms(tmp_path, capsys) -> None:
+    from app.cli import main
     from scorers.evaluate import score_all
     from scorers.report_md import format_evaluation
     from tasks.report_plots import capability_rates
-    from tinymars.cli import main
 
     recs = synthetic_generations()
     hyp = {"id": "H8-steer", "capability": "all", "metric": "directional", "arm": "steer", "beats": "ablated",

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from corpus.concepts import CONCEPTS, concept_coefficient, concept_pairs, read_paired_jsonl
+from corpus.concepts import concept_coefficient, concept_pairs, read_paired_jsonl
 from models.activations import collect_activations, residual_blocks
 from models.steering import METHODS, ReadoutError, extract_direction, load_readout, save_readout
+from tinymars.domain import CONCEPTS
 
 
 # ---- planted direction ---------------------------------------------------------------------------
@@ -107,7 +108,7 @@ def test_tampered_or_mismatched_readout_is_refused(tmp_path: Path) -> None:
 # ---- activations -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def native():
-    from models.registry import build
+    from models.architectures import build
 
     model = build({"arch": "native", "n_layer": 3, "n_head": 2, "d_model": 16}, vocab_size=40, seq_len=32,
                   channel_names=["affect", "time"], channel_dim=4, seed=0)
@@ -209,7 +210,7 @@ def test_concept_pairs_and_coefficients(tmp_path: Path) -> None:
 
 # ---- CLI -------------------------------------------------------------------------------------------
 def test_cli_help_and_a_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tinymars.cli import main
+    from app.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["steer", "--help"])
@@ -232,8 +233,8 @@ def test_readout_task_writes_readout_and_quality(tmp_path: Path) -> None:
     """The `steering` flow's one task, run as a plain function (no Prefect API: the harness costs more than
     this whole file); the flow itself only validates the settings dict and calls it."""
     from corpus.tokenizer import train_tokenizer
+    from models.architectures import build
     from models.checkpoint import save_model
-    from models.registry import build
     from tasks.steering import readout_task
     from tinymars.profile import SteeringSection
 

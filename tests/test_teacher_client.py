@@ -22,10 +22,10 @@ from corpus.openai_teacher import (
     parse_target,
     public_endpoint,
 )
-from corpus.prices import Price, PriceError, resolve_price
 from corpus.teacher_limits import Budget, BudgetStop, RateLimiter, retry_after_s
 from tests.openai_server import FakeOpenAI, request_key
 from tests.teacher_support import FAKE_KEY, files_containing, make_profile, word_requests
+from tinymars.prices import Price, PriceError, resolve_price
 
 PRICE = resolve_price("gpt-4o-mini")
 # the lineage status each server outcome must produce
@@ -299,8 +299,8 @@ def test_budget_stop_is_not_blocked_by_float_residue():
 def test_run_refuses_before_any_work_when_the_key_variable_is_unset(tmp_path, monkeypatch, capsys):
     import yaml
 
+    from app.cli import main
     from tests.teacher_support import profile_data
-    from tinymars.cli import main
 
     monkeypatch.delenv("TINYMARS_TEST_TEACHER_KEY", raising=False)
     path = tmp_path / "p.yaml"

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from corpus.openai_teacher import BudgetExceeded
+from corpus.rows import ROW_FIELDS, preflight_register, preflight_selection, read_rows
 from corpus.teacher_prompts import PromptError, load_templates
-from corpus.template_teacher import ROW_FIELDS, generate_corpus, preflight_register, preflight_selection
+from corpus.template_teacher import generate_corpus
 from scorers.register import register_score
-from tasks.corpus import corpus_task, read_rows
+from tasks.corpus import corpus_task
 from tests.openai_server import FakeOpenAI
 from tests.teacher_support import FAKE_KEY, KEY_ENV, ROOT, make_profile, profile_data
 from tinymars.lineage import Lineage

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from app.cli import main
 from tests.openai_server import FakeOpenAI
 from tests.teacher_support import FAKE_KEY, KEY_ENV, profile_data
-from tinymars.cli import main
 from tinymars.lineage import Lineage
 
 pytestmark = pytest.mark.slow

@@ -13,9 +13,11 @@ import pytest
 from corpus.channels import channel_matrices
 from corpus.pack import pack_rows
 from corpus.replay import ReplayError, clip, load_texts, replay_rows
-from corpus.template_teacher import CAPABILITIES, ROW_FIELDS, generate_corpus
+from corpus.rows import ROW_FIELDS, read_rows
+from corpus.template_teacher import generate_corpus
 from corpus.tokenizer import Tokenizer, train_tokenizer
-from tasks.corpus import corpus_task, key_section, read_rows
+from tasks.corpus import corpus_task, key_section
+from tinymars.domain import CAPABILITIES
 from tinymars.profile import ProfileError, load_profile
 
 TEXTS = [f"General passage number {i} talks about rivers, bread and the weather in spring {i}." for i in range(30)]
@@ -65,7 +67,7 @@ def test_bad_sources_name_the_field(sources, tmp_path):
     odd.write_text("<x/>")
     with pytest.raises(ReplayError, match="unknown suffix"):
         load_texts(str(odd), None, "train", "text", tmp_path / "c")
-    from tinymars.cli import preflight
+    from app.common import preflight
 
     with pytest.raises(ProfileError, match="corpus.replay.source: local path './missing.jsonl' does not exist"):
         preflight("tiny", ["corpus.replay={source: ./missing.jsonl}"], [])

@@ -17,18 +17,13 @@ import torch
 from safetensors.torch import load_file
 from test_models import NAMES, PAD, TINY, D, T, V, sign_rows, tiny, write_shard
 
-from models.checkpoint import (
-    CheckpointError,
-    checkpoint_files,
-    latest_checkpoint,
-    load_model,
-    verify_checkpoint,
-    write_checkpoint,
-)
+from models.checkpoint import checkpoint_files, latest_checkpoint, load_model, verify_checkpoint, write_checkpoint
 from models.data import batch_rows, load_split, shard_rows
 from models.launch import launch_command, run_streaming
 from models.sizing import bracket_depth, count_spec_params, registry_specs
-from models.trainer import TrainConfig, channel_keep, lr_at, train
+from models.trainer import channel_keep, lr_at, train
+from models.weights import CheckpointError
+from tinymars.profile import TrainRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
 # One thread per process: the same float reductions in every process, whatever the machine.
@@ -50,7 +45,7 @@ def shards(tmp_path_factory) -> dict[str, list[str]]:
 def job(tmp: Path, shards: dict[str, list[str]], name: str, spec: dict | None = None, **train_kw) -> Path:
     """A train_cli job file; a dropout model so the per-step RNG is exercised too."""
     body = {"spec": spec or {"arch": "native", **TINY, "dropout": 0.1}, "build": BUILD,
-            "data": {**shards, "channel_dim": D, "pad_id": PAD}, "train": {**RECIPE, **train_kw},
+            "data": {**shards, "channel_dim": D, "pad_id": PAD}, "recipe": {**RECIPE, **train_kw},
             "out_dir": str(tmp / name / "out"), "ckpt_dir": str(tmp / name / "ckpt"), "resume": True,
             "result": str(tmp / name / "result.json")}
     path = tmp / f"{name}.json"
@@ -75,8 +70,8 @@ KILLER = textwrap.dedent("""
     import json, os, signal, sys
     from pathlib import Path
     from models.data import load_split
-    from models.registry import build
-    from models.trainer import TrainConfig, train
+    from models.architectures import build
+    from models.trainer import TrainRecipe, train
 
     job = json.loads(Path(sys.argv[1]).read_text())
     b, d = job["build"], job["data"]
@@ -89,7 +84,7 @@ KILLER = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: a real kill
 
     rows, held = (load_split(d[split], channel_dim=d["channel_dim"]) for split in ("train", "heldout"))
-    train(model, rows, held, TrainConfig(**job["train"]), Path(job["out_dir"]), d["pad_id"], log,
+    train(model, rows, held, TrainRecipe.model_validate(job["recipe"]), Path(job["out_dir"]), d["pad_id"], log,
           ckpt_dir=Path(job["ckpt_dir"]))
 """)
 
@@ -148,7 +143,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path: Path, shards) -> None
     rows = load_split(shards["train"], channel_dim=D)
     outs = []
     for accum in (1, 4):
-        cfg = TrainConfig(**{**RECIPE, "steps": 3, "log_every": 1, "eval_every": 3}, grad_accum=accum)
+        cfg = TrainRecipe(**{**RECIPE, "steps": 3, "log_every": 1, "eval_every": 3}, grad_accum=accum)
         model = tiny("native")
         train(model, rows, None, cfg, tmp_path / f"a{accum}", pad_id=PAD, log=lambda s: None)
         outs.append((records(tmp_path / f"a{accum}"), model.state_dict()))
@@ -157,7 +152,7 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path: Path, shards) -> None
     for k in w1:
         torch.testing.assert_close(w4[k], w1[k], atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="divisible by grad_accum"):
-        train(tiny("native"), rows, None, TrainConfig(**RECIPE, grad_accum=3), tmp_path / "bad", pad_id=PAD)
+        train(tiny("native"), rows, None, TrainRecipe(**RECIPE, grad_accum=3), tmp_path / "bad", pad_id=PAD)
 
 
 def test_ranks_split_each_global_batch_without_overlap() -> None:
@@ -172,7 +167,7 @@ def test_ranks_split_each_global_batch_without_overlap() -> None:
 
 
 def test_linear_schedule_and_warmup() -> None:
-    cfg = TrainConfig(**{**RECIPE, "steps": 110, "warmup_steps": 10}, schedule="linear", min_lr_frac=0.0)
+    cfg = TrainRecipe(**{**RECIPE, "steps": 110, "warmup_steps": 10}, schedule="linear", min_lr_frac=0.0)
     assert lr_at(0, cfg) == pytest.approx(RECIPE["lr"] / 10)
     assert lr_at(60, cfg) == pytest.approx(RECIPE["lr"] / 2)
     assert lr_at(110, cfg) == pytest.approx(0.0)
@@ -259,7 +254,7 @@ def test_bracketing_baselines_straddle_the_native() -> None:
 
 
 def tiny_like(spec: dict, kw: dict) -> torch.nn.Module:
-    from models.registry import build
+    from models.architectures import build
 
     return build(spec, **kw)
 

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
+from models.architectures import ARCHITECTURES, build, count_params
 from models.data import PackedRows
 from models.generate import generate
-from models.registry import REGISTRY, build, count_params
-from models.trainer import TrainConfig, train
+from models.trainer import train
 from models.vocab_common import VocabLM
+from tinymars.profile import TrainRecipe
 
 V, T = 64, 12
-VOCAB_ARCHS = sorted(a for a in REGISTRY if a.startswith("vocab_"))
+VOCAB_ARCHS = sorted(a for a in ARCHITECTURES if a.startswith("vocab_"))
 SMALL = {"vocab_graph": {"arch": "vocab_graph", "rank": 4, "hops": 3},
          "vocab_conv": {"arch": "vocab_conv", "hops": 3, "kernel": 4, "fourier_basis": 4, "op_width": 16}}
 
@@ -119,7 +120,7 @@ def _rows(n: int, seed: int) -> PackedRows:
 @pytest.mark.parametrize("arch", VOCAB_ARCHS)
 def test_the_trainer_lowers_the_loss(arch, tmp_path):
     model = make(arch)
-    cfg = TrainConfig(steps=30, batch_size=8, lr=0.02, warmup_steps=2, weight_decay=0.0, log_every=30,
+    cfg = TrainRecipe(steps=30, batch_size=8, lr=0.02, warmup_steps=2, weight_decay=0.0, log_every=30,
                       eval_every=30, seed=0)
     heldout = _rows(16, seed=1)
     from models.trainer import heldout_loss

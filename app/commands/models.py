@@ -13,14 +13,14 @@ import argparse
 import json
 from typing import Any
 
-from tinymars.cli import fail, print_table
+from app.common import fail, print_table
 from tinymars.profile import ProfileError, load_profile
 
 # The research line's iteration 7 (tinymars-site): the native and the two baselines that bracket it.
 REFERENCE = {"baseline-6L": 100.8e6, "native": 110.2e6, "baseline-7L": 120.3e6}
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="print the parameter count of every model a profile trains (records nothing)")
     p.add_argument("--profile", required=True, help="a shipped profile (smoke, tiny, iter7) or a YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -52,7 +52,7 @@ def model_rows(prof: Any) -> list[dict[str, Any]]:
 def _adapter_base(spec: dict[str, Any], kw: dict[str, Any]) -> dict[str, Any]:
     import torch
 
-    from models.registry import build
+    from models.architectures import build
 
     with torch.device("meta"):
         model = build(spec, **kw)

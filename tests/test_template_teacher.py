@@ -11,25 +11,13 @@ from collections import defaultdict
 import pytest
 
 from corpus import template_teacher as tt
-from corpus.encode import (
-    ETHICS_CATEGORIES,
-    NUMERIC_DIMS,
-    TEXT_CHANNELS,
-    encode_numeric,
-    state_as_prompt_text,
-    state_text,
-)
-from corpus.template_teacher import (
-    CAPABILITIES,
-    ROW_FIELDS,
-    generate_corpus,
-    load_data,
-    preflight_register,
-    preflight_selection,
-)
+from corpus.encode import encode_numeric, state_as_prompt_text, state_text
+from corpus.rows import ROW_FIELDS, preflight_register, preflight_selection
+from corpus.template_teacher import generate_corpus, load_data
 from scorers.register import register_score, vader_compound
 from scorers.selection import dominant, item_mentions
 from scorers.text import words
+from tinymars.domain import CAPABILITIES, ETHICS_CATEGORIES, NUMERIC_DIMS, TEXT_CHANNELS
 
 ALL = list(CAPABILITIES)
 

@@ -1,4 +1,6 @@
-"""`tinymars`: run an iteration, inspect runs and lineage. Inputs are validated before any work."""
+"""`tinymars`: run an iteration, inspect runs and lineage; every other command lives in app/commands/.
+
+Inputs are validated before any work (app.common.preflight)."""
 
 from __future__ import annotations
 
@@ -7,19 +9,18 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
-from tinymars.profile import ProfileError, load_profile, shipped_profiles
-from tinymars.stages import ORDER, downstream
-
-DEFAULT_HOME = os.environ.get("TINYMARS_HOME", ".tinymars")
-
-
-def home_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--home", default=DEFAULT_HOME,
-        help="folder holding the artifact store and lineage.duckdb (default: $TINYMARS_HOME or ./.tinymars)",
-    )
+from app.common import (
+    call_flow,
+    fail,
+    home_arg,
+    open_lineage,
+    preflight,
+    print_table,
+    runnable_here,
+)
+from tinymars.profile import ProfileError, shipped_profiles
+from tinymars.stages import ORDER
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,92 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--json", action="store_true", help="machine-readable output")
     home_arg(lin)
 
-    from tinymars.commands import register_all
+    from app.commands import add_all
 
-    register_all(sub)
+    add_all(sub)
     return parser
-
-
-def fail(message: str, code: int = 2) -> int:
-    print(f"tinymars: error: {message}", file=sys.stderr)
-    return code
-
-
-def call_flow(label: str, on_interrupt: str, flow_fn: Any, **params: Any) -> tuple[Any, int | None]:
-    """Run a flow for a command: Ctrl-C and a failed flow become one clean error line and an exit code.
-
-    The flow has already logged the traceback and recorded the failure; the user gets the reason once.
-    Returns (result, None) on success, (None, exit code) otherwise.
-    """
-    try:
-        return flow_fn(**params), None
-    except KeyboardInterrupt:
-        return None, fail(f"interrupted; {on_interrupt}", 130)
-    except Exception as exc:
-        return None, fail(f"{label} failed: {type(exc).__name__}: {exc}", 1)
-
-
-def preflight(profile_arg: str, overrides: list[str], refresh: list[str]) -> Any:
-    """Everything that can be checked before work starts; raises ProfileError with the fix."""
-    prof = load_profile(_absolute(profile_arg), overrides)
-    try:
-        downstream(refresh)
-    except ValueError as exc:
-        raise ProfileError(str(exc)) from None
-    from models.registry import REGISTRY
-
-    for spec in prof.train.models:
-        if spec.arch not in REGISTRY:
-            raise ProfileError(
-                f"train.models[{spec.name}].arch: unknown architecture '{spec.arch}'; "
-                f"registered: {', '.join(sorted(REGISTRY))}"
-            )
-        if spec.arch == "adapter" and not Path(spec.base).expanduser().exists():
-            raise ProfileError(
-                f"train.models[{spec.name}].base: '{spec.base}' does not exist; point it at a local Hugging Face "
-                "model folder (config.json) or one of our trained model folders (model.json)"
-            )
-    from corpus.teacher_corpus import check_runnable
-
-    try:  # the teacher's key is in the environment variable the profile names (never printed), templates load
-        check_runnable(prof.corpus)
-    except ValueError as exc:
-        raise ProfileError(str(exc)) from None
-    return prof
-
-
-def runnable_here(prof: Any) -> str | None:
-    """Why a valid profile cannot run on this machine with this version, or None."""
-    return missing_device(prof)
-
-
-def missing_device(prof: Any) -> str | None:
-    """A device the profile names that this machine lacks (training dispatched to a work pool is not checked)."""
-    import importlib.util
-
-    wants_cuda = {"channels.embedder.device": prof.channels.embedder.device}
-    if prof.orchestration.train_dispatch == "local":
-        wants_cuda["train.device"] = prof.train.device
-        if prof.train.device == "xla" and importlib.util.find_spec("torch_xla") is None:
-            return ("train.device: 'xla' but torch_xla is not installed here; run on the TPU host (install the "
-                    "tpu extra), or use device: auto")
-    wants_cuda = {k: v for k, v in wants_cuda.items() if str(v).startswith("cuda")}
-    if wants_cuda:
-        import torch
-
-        if not torch.cuda.is_available():
-            field, value = next(iter(wants_cuda.items()))
-            return (f"{field}: '{value}' but no CUDA GPU is visible here; use auto (the GPU when there is one) or "
-                    "cpu, or set orchestration.train_dispatch: deployment to train on an accelerator work pool")
-    return None
-
-
-def _absolute(profile_arg: str) -> str:
-    """Paths are made absolute so a flow run elsewhere (a worker) finds the same file."""
-    path = Path(profile_arg).expanduser()
-    if profile_arg in shipped_profiles() or not (path.suffix in (".yaml", ".yml") or path.exists()):
-        return profile_arg  # a shipped name, or an unknown one the loader names as typed
-    return str(path.resolve())
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -152,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return fail(str(exc))
     if reason := runnable_here(prof):
         return fail(reason)
-    from tinymars import supervisor
+    from app import supervisor
 
     if supervisor.is_worker():
         supervisor.watch_supervisor()
@@ -164,8 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.iteration import iteration
 
     out, code = call_flow("run", "finished stages stay cached, rerun the same command to continue", iteration,
-                          profile=_absolute(args.profile), home=home, refresh=args.refresh,
-                          overrides=args.overrides, only=args.only)
+                          profile=prof, home=home, refresh=args.refresh, only=args.only)
     if code is not None:
         return code
     print()
@@ -186,27 +104,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if reason := runnable_here(prof):
         print(f"note: cannot run here: {reason}")
     return 0
-
-
-def print_table(rows: list[dict[str, Any]]) -> None:
-    if not rows:
-        print("(none)")
-        return
-    cols = list(rows[0])
-    cells = [[("" if r[c] is None else str(r[c])) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
-
-
-def open_lineage(home: str):
-    from tinymars.lineage import Lineage
-
-    path = Path(home) / "lineage.duckdb"
-    if not path.exists():
-        raise FileNotFoundError(f"no lineage database at {path}; run `tinymars run` first or pass --home")
-    return Lineage(path)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

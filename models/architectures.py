@@ -1,7 +1,9 @@
 """The one model registry: a profile's `train.models` entry (a plain dict) -> an nn.Module.
 
-Later architectures (adapter, vocabulary-space models) add themselves with `@register("name")`;
-the trainer, generation and `load_model` only ever go through `build`.
+Every architecture is added here, through `architecture(name)`, the one route (a researcher's own
+arch uses it too). The modules that define architectures (gpt, adapter, vocab_graph, vocab_conv)
+do not import this one, so there is no import circle; the trainer, generation and `load_model`
+only ever go through `build`.
 """
 
 from __future__ import annotations
@@ -12,43 +14,32 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.config import ModelConfig
+from models.adapter import build_adapter
+from models.config import ModelConfig, check_keys
 from models.gpt import ChannelDecoder
+from models.vocab_conv import build_vocab_conv
+from models.vocab_graph import build_vocab_graph
+from tinymars.domain import DECODER_REQUIRED
 
 Builder = Callable[..., nn.Module]
-REGISTRY: dict[str, Builder] = {}
+ARCHITECTURES: dict[str, Builder] = {}
 
-# Keys every spec may carry; "name" labels a run (e.g. baseline-small) and is not passed on.
-COMMON_KEYS = frozenset({"arch", "name"})
 DECODER_KEYS = frozenset({"n_layer", "n_head", "d_model", "mlp_ratio", "dropout"})
-DECODER_REQUIRED = ("n_layer", "n_head", "d_model")
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
+def architecture(name: str) -> Callable[[Builder], Builder]:
     """Decorator adding a builder `fn(spec, *, vocab_size, seq_len, channel_names, channel_dim)`."""
 
     def deco(fn: Builder) -> Builder:
-        if name in REGISTRY:
+        if name in ARCHITECTURES:
             raise ValueError(f"architecture {name!r} is already registered")
-        REGISTRY[name] = fn
+        ARCHITECTURES[name] = fn
         return fn
 
     return deco
 
 
-def check_keys(spec: dict[str, Any], allowed: frozenset[str], required: Sequence[str]) -> None:
-    """Reject typos loudly: a misspelt key silently falling back to a default wastes a GPU run."""
-    allowed = allowed | COMMON_KEYS
-    for key in spec:
-        if key not in allowed:
-            raise ValueError(f"unknown model spec key {key!r} for arch {spec.get('arch')!r}; "
-                             f"allowed: {sorted(allowed)}")
-    for key in required:
-        if key not in spec:
-            raise ValueError(f"model spec for arch {spec.get('arch')!r} is missing {key!r}")
-
-
-@register("native")
+@architecture("native")
 def build_native(spec: dict[str, Any], *, vocab_size: int, seq_len: int, channel_names: Sequence[str],
                  channel_dim: int) -> ChannelDecoder:
     check_keys(spec, DECODER_KEYS | {"channel_tokens"}, DECODER_REQUIRED)
@@ -59,7 +50,7 @@ def build_native(spec: dict[str, Any], *, vocab_size: int, seq_len: int, channel
                                       channel_names=tuple(channel_names), channel_dim=channel_dim, **kw))
 
 
-@register("baseline")
+@architecture("baseline")
 def build_baseline(spec: dict[str, Any], *, vocab_size: int, seq_len: int, channel_names: Sequence[str] = (),
                    channel_dim: int = 0) -> ChannelDecoder:
     """The same decoder with no channels; channel fields are accepted (shared profiles) and ignored."""
@@ -79,14 +70,14 @@ def build(spec: dict[str, Any], *, vocab_size: int, seq_len: int, channel_names:
     them to model.json and `load_model` can rebuild the exact same module later.
     """
     arch = spec.get("arch")
-    if arch not in REGISTRY:
-        raise ValueError(f"unknown model arch {arch!r} (key 'arch'); allowed: {sorted(REGISTRY)}")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown model arch {arch!r} (key 'arch'); allowed: {sorted(ARCHITECTURES)}")
     info = {"arch": arch, "spec": dict(spec), "vocab_size": int(vocab_size), "seq_len": int(seq_len),
             "channel_names": list(channel_names), "channel_dim": int(channel_dim), "seed": seed}
     with torch.random.fork_rng(devices=[], enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
-        model = REGISTRY[arch](dict(spec), vocab_size=vocab_size, seq_len=seq_len,
+        model = ARCHITECTURES[arch](dict(spec), vocab_size=vocab_size, seq_len=seq_len,
                                channel_names=tuple(channel_names), channel_dim=channel_dim)
     model.build_info = info
     return model
@@ -98,7 +89,7 @@ def build_info(model: nn.Module) -> dict[str, Any]:
     if info is not None:
         return info
     if not isinstance(model, ChannelDecoder):
-        raise ValueError(f"{type(model).__name__} was not made by models.registry.build; cannot describe it")
+        raise ValueError(f"{type(model).__name__} was not made by models.architectures.build; cannot describe it")
     cfg = model.cfg
     spec = {"arch": "native" if cfg.has_channels else "baseline", "n_layer": cfg.n_layer,
             "n_head": cfg.n_head, "d_model": cfg.d_model, "mlp_ratio": cfg.mlp_ratio, "dropout": cfg.dropout}
@@ -112,6 +103,6 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# Architectures in their own modules register themselves on import (after REGISTRY and register exist).
-import models.vocab_conv  # noqa: E402,F401  (arch "vocab_conv")
-import models.vocab_graph  # noqa: E402,F401  (arch "vocab_graph")
+architecture("adapter")(build_adapter)
+architecture("vocab_graph")(build_vocab_graph)
+architecture("vocab_conv")(build_vocab_conv)

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tinymars.cli import fail, home_arg, open_lineage, print_table
+from app.common import fail, home_arg, open_lineage, print_table
 
 ANSWERED = "('accepted', 'rejected', 'ok', 'content_filter')"
 NOT_CALLS = "('batch_submitted')"  # a lineage note, not a paid call
@@ -46,7 +46,7 @@ COLUMNS = f"""
 """
 
 
-def register(sub: Any) -> None:
+def add_parser(sub: Any) -> None:
     p = sub.add_parser("cost", help="teacher cost audit from lineage, or an estimate for a profile before running")
     p.add_argument("--run", help="only this run (a unique prefix works)")
     p.add_argument("--by", choices=sorted(GROUPS), action="append",

@@ -1,4 +1,4 @@
-"""Register the deployments of deploy/prefect.yaml against the current Prefect API.
+"""Apply the deployments of deploy/prefect.yaml to the current Prefect API (`tinymars deploy`).
 
 deploy/prefect.yaml is the single source of truth. We read it and apply each deployment with
 Prefect's RunnerDeployment API rather than `prefect deploy --all`: in Prefect 3.8.8 the CLI (and
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tinymars.domain import TEACHER_LIMIT
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "deploy" / "prefect.yaml"
@@ -96,16 +98,14 @@ def _local_flow(entrypoint: str):
     return load_flow_from_entrypoint(str(ROOT / entrypoint))
 
 
-def register(home: str, names: list[str] | None = None) -> list[str]:
-    """Create pools and apply the deployments; returns `flow/deployment` names registered."""
+def apply_deployments(home: str, names: list[str] | None = None) -> list[str]:
+    """Create pools and apply the deployments; returns the `flow/deployment` names applied."""
     config = load_config()
     wanted = set(names or [d["name"] for d in config["deployments"]])
     asyncio.run(ensure_pools(pool_names(config)))
-    from tasks.corpus import TEACHER_LIMIT
-
     asyncio.run(ensure_concurrency_limit(TEACHER_LIMIT, TEACHER_LIMIT_DEFAULT))
-    registered = []
+    applied = []
     for dep in build_deployments(config, home, wanted):
         dep.apply()
-        registered.append(f"{dep.flow_name}/{dep.name}")
-    return registered
+        applied.append(f"{dep.flow_name}/{dep.name}")
+    return applied

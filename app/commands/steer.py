@@ -17,13 +17,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tinymars.cli import call_flow, fail, home_arg
+from app.common import call_flow, fail, home_arg
 from tinymars.profile import SteeringSection
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("steer", help="extract concept/steering vectors and their quality report from a model")
     p.add_argument("--model", required=True, help="a trained model folder (model.json), its train-artifact key "
                    "prefix under --home, or a local Hugging Face model folder (config.json)")

@@ -1,4 +1,4 @@
-"""Teacher prices: the shipped table (corpus/data/prices.json), a profile override, and call costs.
+"""Teacher prices: the shipped table (tinymars/data/prices.json), a profile override, and call costs.
 
 A paid model with no known price is an error before any call is made: a cost audit that silently
 counts $0 for an unpriced model is worse than none. A local server (the profile marks it `free`)
@@ -91,7 +91,7 @@ def resolve_price(model: str, override: dict[str, Any] | None = None, free: bool
     price = lookup(model)
     if price is None:
         raise PriceError(
-            f"corpus.teacher.model: no price for '{model}' in corpus/data/prices.json; add "
+            f"corpus.teacher.model: no price for '{model}' in tinymars/data/prices.json; add "
             "corpus.teacher.price {input: ..., output: ...} (USD per 1M tokens), or set corpus.teacher.free: true "
             "for a local server"
         )

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tinymars.cli import fail
+from app.common import fail
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="re-score saved generations offline (no model): every figure and verdict")
     p.add_argument("generations", metavar="GENERATIONS.jsonl", help="an eval artifact's generations.jsonl")
     p.add_argument("--profile", help="take the scoring settings from this profile's eval section "

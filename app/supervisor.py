@@ -42,7 +42,7 @@ def needs_supervisor() -> bool:
 def run_supervised(argv: list[str]) -> int:
     """Run `tinymars ARGV` as a worker in its own process group; return its exit code (128+N for signal N)."""
     read_end, write_end = os.pipe()
-    worker = subprocess.Popen([sys.executable, "-m", "tinymars.cli", *argv], pass_fds=(read_end,),
+    worker = subprocess.Popen([sys.executable, "-m", "app.cli", *argv], pass_fds=(read_end,),
                               env={**os.environ, WORKER_FD_ENV: str(read_end)}, start_new_session=True)
     os.close(read_end)
     previous = {sig: signal.signal(sig, lambda s, _f: _send(worker.pid, s)) for sig in FORWARDED}

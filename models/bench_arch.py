@@ -1,6 +1,6 @@
 """Time-boxed architecture benchmark: every model gets the same packed data, recipe and wall-clock budget.
 
-Each model is trained by the one trainer (`models.trainer.train`) with `time_budget_s`: it stops
+Each model is trained by the one trainer (`models.trainer.train`) with a time budget: it stops
 after that many seconds of training (held-out evaluations are not counted) and evaluates the
 held-out split every `budget / eval_points` training seconds and at the end, which gives the
 loss-vs-time curve. The learning rate is constant after warmup (`min_lr_frac = 1`): under a time
@@ -21,11 +21,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from models.architectures import ARCHITECTURES, build, count_params
 from models.data import PackedRows
-from models.registry import REGISTRY, build, count_params
 from models.sizing import count_spec_params, profile_specs
-from models.trainer import TrainConfig, train
+from models.trainer import train
 from tinymars.artifacts import write_atomic
+from tinymars.profile import TrainRecipe
 
 MAX_STEPS = 10**9  # the budget ends a run, never the step count
 RESULTS, PLOT = "results.json", "loss_vs_time.png"
@@ -58,12 +59,12 @@ def resolve_models(profile: Any, items: Sequence[str | dict[str, Any]],
             name, spec = item.get("name"), {k: v for k, v in item.items() if k != "name"}
         elif item in from_profile:
             name, spec = item, from_profile[item]
-        elif item in REGISTRY:
+        elif item in ARCHITECTURES:
             name, spec = item, {"arch": item}
         else:
             raise ValueError(f"models: unknown model '{item}'; use a train.models name of profile '{profile.name}' "
                              f"({', '.join(from_profile)}) or a registered architecture "
-                             f"({', '.join(sorted(REGISTRY))})")
+                             f"({', '.join(sorted(ARCHITECTURES))})")
         if not name or name in out:
             problem = "is listed twice" if name else "has no name"
             raise ValueError(f"models: '{name}' {problem}; names must be unique")
@@ -76,20 +77,21 @@ def resolve_models(profile: Any, items: Sequence[str | dict[str, Any]],
     return out
 
 
-def bench_config(recipe: dict[str, Any], budget_s: float, eval_points: int) -> TrainConfig:
-    """The profile's training recipe, time-boxed: constant LR after warmup, time-based evals, no checkpoints."""
-    return TrainConfig(**{**recipe, "steps": MAX_STEPS, "min_lr_frac": 1.0, "eval_every": MAX_STEPS,
-                          "checkpoint_every": 0, "time_budget_s": float(budget_s),
-                          "eval_every_s": float(budget_s) / eval_points})
+def bench_recipe(recipe: TrainRecipe) -> TrainRecipe:
+    """The profile's training recipe for a time-boxed run: constant LR after warmup, no step-based evals or
+    checkpoints (the budget ends the run and the held-out evals come every budget / eval_points seconds)."""
+    return recipe.model_copy(update={"steps": MAX_STEPS, "min_lr_frac": 1.0, "eval_every": MAX_STEPS,
+                                     "checkpoint_every": 0})
 
 
 def bench_model(name: str, spec: dict[str, Any], train_rows: PackedRows, heldout_rows: PackedRows,
-                pack_meta: dict[str, Any], cfg: TrainConfig, out_dir: Path,
+                pack_meta: dict[str, Any], cfg: TrainRecipe, out_dir: Path, budget_s: float, eval_points: int,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train one model for cfg.time_budget_s; its row of the results table, with the loss-vs-time curve."""
+    """Train one model for `budget_s` training seconds; its row of the results table, with the loss-vs-time curve."""
     model = build(spec, vocab_size=pack_meta["vocab_size"], seq_len=pack_meta["seq_len"],
                   channel_names=pack_meta["channel_names"], channel_dim=pack_meta["channel_dim"], seed=cfg.seed)
-    summary = train(model, train_rows, heldout_rows, cfg, out_dir, pack_meta["pad_id"], log)
+    summary = train(model, train_rows, heldout_rows, cfg, out_dir, pack_meta["pad_id"], log,
+                    time_budget_s=float(budget_s), eval_every_s=float(budget_s) / eval_points)
     records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line]
     curve = [{"step": r["step"], "train_s": r["train_s"], "loss": r["loss"], "val_loss": r.get("heldout_loss"),
               "val_bpb": r.get("heldout_bpb")} for r in records]
@@ -98,7 +100,8 @@ def bench_model(name: str, spec: dict[str, Any], train_rows: PackedRows, heldout
             "train_s": train_s, "train_loss": summary["final_loss"], "val_loss": summary["final_heldout_loss"],
             "val_bpb": summary["final_heldout_bpb"],
             "tok_per_s": steps * cfg.batch_size * pack_meta["seq_len"] / max(train_s, 1e-9),
-            "train_config": summary["train_config"], "curve": curve}
+            "train_config": {**summary["train_config"], "time_budget_s": float(budget_s),
+                             "eval_every_s": float(budget_s) / eval_points}, "curve": curve}
 
 
 def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tinymars.cli import fail, home_arg, open_lineage
+from app.common import fail, home_arg, open_lineage
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="print the report of a run (default: the latest completed run that has one)")
     p.add_argument("run", nargs="?", metavar="RUN", help="a run id or a unique prefix; default: the latest")
     p.add_argument("--path", action="store_true", help="print only the report file's path")

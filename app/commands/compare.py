@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tinymars.cli import fail, home_arg, open_lineage, print_table
+from app.common import fail, home_arg, open_lineage, print_table
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="show two runs side by side: stages, hypotheses verdicts, metrics")
     p.add_argument("run_a", metavar="RUN_A", help="a run id (a unique prefix works)")
     p.add_argument("run_b", metavar="RUN_B", help="a run id (a unique prefix works)")

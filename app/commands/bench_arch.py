@@ -15,11 +15,11 @@ import json
 import os
 from pathlib import Path
 
-from tinymars.cli import _absolute, call_flow, fail, home_arg, preflight, print_table
+from app.common import call_flow, fail, home_arg, preflight, print_table
 from tinymars.profile import ProfileError
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench-arch", help="time-boxed training of several architectures on the same data; "
                                           "params, steps, val_loss, val_bpb, tok/s and a loss-vs-time plot")
     p.add_argument("--profile", required=True, help="a shipped profile (smoke, tiny, iter7) or a YAML path")
@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench_arch(args: argparse.Namespace) -> int:
-    from models.arch_bench import check_budget, resolve_models
+    from models.bench_arch import check_budget, resolve_models
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     try:
@@ -52,8 +52,8 @@ def cmd_bench_arch(args: argparse.Namespace) -> int:
     from flows.bench_arch import bench_arch
 
     out, code = call_flow("bench-arch", "the data stages stay cached, rerun to benchmark again", bench_arch,
-                          profile=_absolute(args.profile), models=models, minutes=args.minutes, home=home,
-                          overrides=args.overrides, eval_points=args.eval_points)
+                          profile=prof, models=models, minutes=args.minutes, home=home,
+                          eval_points=args.eval_points)
     if code is not None:
         return code
     if args.json:

@@ -1,0 +1,45 @@
+"""What the eval measures on the models themselves, beyond their generations: relief-valve losses and gates.
+
+Relief valve: the held-out target loss of every trained model, with its channels zeroed (and, for a
+channel model, on), so the scorers can compare the native with channels zeroed against the
+channel-less baselines (scorers.relief). Gates: the evaluated model's ReZero gate values per layer
+and channel, and their L2 norm. Both land in the eval artifact's `measurements.json`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from models.data import PackedRows
+from models.trainer import heldout_loss
+
+
+def relief_losses(models: Mapping[str, nn.Module], heldout: PackedRows, batch_size: int, seq_len: int,
+                  pad_id: int) -> dict[str, dict[str, Any]]:
+    """{model name: {has_channels, channels_zeroed: loss, channels_on: loss (channel models only)}}, by name."""
+    kw = dict(batch_size=batch_size, seq_len=seq_len, pad_id=pad_id)
+    relief = {}
+    for name, model in sorted(models.items()):
+        has_channels = bool(getattr(getattr(model, "cfg", None), "has_channels", False))
+        relief[name] = {"has_channels": has_channels,
+                        "channels_zeroed": _finite(heldout_loss(model, heldout, zero_channels=True, **kw))}
+        if has_channels:
+            relief[name]["channels_on"] = _finite(heldout_loss(model, heldout, zero_channels=False, **kw))
+    return relief
+
+
+def gate_summary(model: nn.Module, channel_names: Sequence[str]) -> dict[str, Any]:
+    """The ReZero gates of a channel model ({} for a model without gates), rounded to 6 decimals."""
+    if not hasattr(model, "gate_values"):
+        return {}
+    return {"alpha_l2": float(model.alpha_l2()), "channel_names": list(channel_names),
+            "per_layer": [[round(float(x), 6) for x in layer] for layer in model.gate_values().tolist()]}
+
+
+def _finite(loss: dict[str, Any]) -> dict[str, Any]:
+    """NaN/inf -> None, so measurements.json stays strict JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in loss.items()}
