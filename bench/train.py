@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.architectures import build, count_params  # noqa: E402
 from models.sizing import bracket_depth, count_spec_params  # noqa: E402
+from tinymars.domain import CAPABILITIES  # noqa: E402
 
-CHANNELS = ("memory", "identity", "continuity", "affect", "time", "ethics")
+CHANNELS = CAPABILITIES  # one channel per capability
 
 
 def step_fn(model: torch.nn.Module, hf: bool = False):

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tinymars.artifacts import hash_json
+from tinymars.domain import REGISTER_CAPABILITIES
 
 PROMPTS_DIR = Path(__file__).with_name("prompts")
 SELECTION_FIELDS = {"prompt", "salient", "keys", "avoid"}
@@ -87,7 +88,7 @@ def load_templates(folder: str | Path | None = None) -> Templates:
     path = _file(base, "registers.json")
     try:
         registers = json.loads(path.read_text(encoding="utf-8"))
-        for cap in ("affect", "time", "ethics"):
+        for cap in REGISTER_CAPABILITIES:
             for pole in ("+", "-"):
                 entry = registers[cap][pole]
                 if not (isinstance(entry.get("register"), str) and isinstance(entry.get("description"), str)):

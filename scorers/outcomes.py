@@ -16,7 +16,7 @@ from typing import Any
 
 from scorers.register import follows_pole, register_gap, vader_compound
 from scorers.selection import dominant
-from tinymars.domain import REGISTER_CAPABILITIES, SELECTION_CAPABILITIES
+from tinymars.domain import METRIC_CAPABILITIES
 
 METRIC_KIND = {"dominant": "selection", "directional": "register", "gap": "register", "vader_gap": "register",
                "conflict": "conflict"}
@@ -24,12 +24,10 @@ BINARY_METRICS = ("dominant", "directional", "conflict")
 
 
 def applies(metric: str, capability: str) -> bool:
-    """Whether `metric` is defined for `capability` (VADER measures affect only)."""
+    """Whether `metric` is defined for `capability` (tinymars.domain.METRIC_CAPABILITIES; VADER: affect only)."""
     if metric not in METRIC_KIND:
         raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRIC_KIND)}")
-    if metric == "vader_gap":
-        return capability == "affect"
-    return capability in (SELECTION_CAPABILITIES if METRIC_KIND[metric] == "selection" else REGISTER_CAPABILITIES)
+    return capability in METRIC_CAPABILITIES[metric]
 
 
 def turn_of(record: dict[str, Any]) -> int:

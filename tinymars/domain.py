@@ -21,6 +21,18 @@ SELECTION_CAPABILITIES = ("memory", "identity", "continuity")
 REGISTER_CAPABILITIES = ("affect", "time", "ethics")
 assert SELECTION_CAPABILITIES + REGISTER_CAPABILITIES == CAPABILITIES
 
+# ---- metrics: the capabilities each objective metric is defined for ---------------------------------
+# (the profile's pre-registered hypotheses and scorers.outcomes.applies both read this)
+METRIC_CAPABILITIES = {
+    "dominant": SELECTION_CAPABILITIES,  # the salient item is the uniquely most-referenced one
+    "directional": REGISTER_CAPABILITIES,  # the + response out-scores the - response on the lexicon
+    "gap": REGISTER_CAPABILITIES,
+    "vader_gap": ("affect",),  # VADER measures affect only
+    "conflict": REGISTER_CAPABILITIES,  # the response follows the channel, not the contradicting text
+}
+Metric = Literal["dominant", "directional", "gap", "vader_gap", "conflict"]
+assert get_args(Metric) == tuple(METRIC_CAPABILITIES)
+
 # ---- channels (a capability's state as the model reads it) -----------------------------------------
 TEXT_CHANNELS = SELECTION_CAPABILITIES  # their state is a text, sentence-embedded by the channels stage
 ETHICS_CATEGORIES = (

@@ -21,12 +21,14 @@ from tinymars.domain import (
     CAPABILITIES,
     CONCEPTS,
     DECODER_REQUIRED,
+    METRIC_CAPABILITIES,
     MIN_DIMS,
     RESERVED_PIECES,
     TEXT_CHANNELS,
     VOCAB_ARCH_KEYS,
     VOCAB_SPEC_KEYS,
     Capability,
+    Metric,
 )
 from tinymars.prices import lookup
 from tinymars.stages import ORDER as STAGES
@@ -350,14 +352,6 @@ class TrainSection(TrainRecipe):
 
 # ---------------------------------------------------------------- eval / report
 Arm = Literal["mars", "ablated", "text", "steer"]  # steer: activation addition, affect / time / ethics rows only
-# metric -> the capabilities it is defined for (scorers.outcomes.applies is the scorer's side of this)
-HYPOTHESIS_METRICS = {
-    "dominant": ("memory", "identity", "continuity"),
-    "directional": ("affect", "time", "ethics"),
-    "gap": ("affect", "time", "ethics"),
-    "vader_gap": ("affect",),
-    "conflict": ("affect", "time", "ethics"),
-}
 
 
 class SamplingSpec(Section):
@@ -373,7 +367,7 @@ class HypothesisSpec(Section):
 
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     capability: Literal[(*CAPABILITIES, "all")] = "all"
-    metric: Literal["dominant", "directional", "gap", "vader_gap", "conflict"]
+    metric: Metric
     arm: Arm = "mars"
     beats: Arm | Literal["chance"]
     alpha: Annotated[float, Field(gt=0, lt=1)] = 0.01
@@ -382,8 +376,8 @@ class HypothesisSpec(Section):
     def _coherent(self) -> HypothesisSpec:
         if self.beats == self.arm:
             raise ValueError(f"hypothesis {self.id}: beats must differ from arm ('{self.arm}')")
-        allowed = HYPOTHESIS_METRICS[self.metric]
-        if "steer" in (self.arm, self.beats) and not set(allowed) & {"affect", "time", "ethics"}:
+        allowed = METRIC_CAPABILITIES[self.metric]
+        if "steer" in (self.arm, self.beats) and not set(allowed) & set(CONCEPTS):
             raise ValueError(f"hypothesis {self.id}: the steer arm carries only affect, time and ethics; "
                              f"metric '{self.metric}' has no steer rows (use directional, gap, vader_gap or conflict)")
         if self.capability != "all" and self.capability not in allowed:
