@@ -14,6 +14,7 @@ import os
 import random
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,8 +152,11 @@ class Zygote:
 
 
 def run_env(api_url: str) -> dict[str, str]:
-    """The environment every run gets: one Prefect API, quiet, single-threaded, offline."""
-    return {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_LOGGING_LEVEL": "INFO",
+    """The environment every run gets: one Prefect API, quiet, single-threaded, offline, and the test
+    teacher's key (so the teacher-backed runs of tests/test_concurrent.py fork from the same zygote)."""
+    from tests.teacher_support import FAKE_KEY, KEY_ENV
+
+    return {**os.environ, KEY_ENV: FAKE_KEY, "PREFECT_API_URL": api_url, "PREFECT_LOGGING_LEVEL": "INFO",
             "PREFECT_LOGGING_TO_API_ENABLED": "false",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
@@ -162,7 +166,8 @@ _shared: dict[str, Any] = {}
 
 
 def shared_zygote(api_url: str) -> Zygote:
-    """One zygote per test process (both test modules use it); it exits with the process at the latest."""
+    """One zygote per test process (chaos, corruption and concurrency use it: the imports are paid once);
+    it exits with the process at the latest."""
     if "zygote" not in _shared:
         import atexit
 
@@ -228,6 +233,21 @@ def wait_gone(pids: set[int], timeout: float = 15.0) -> set[int]:
 
 
 # ---- the store --------------------------------------------------------------------------------------
+def copy_home(src: Path, dst: Path) -> Path:
+    """A working copy of a home: its files, with the lineage's artifact paths pointing into the copy
+    (so a test that damages or reads an artifact through lineage touches the copy, never the original)."""
+    import duckdb
+
+    shutil.copytree(src, dst)
+    con = duckdb.connect(str(dst / "lineage.duckdb"))
+    try:
+        con.execute("UPDATE artifacts SET path = ? || substr(path, ?) WHERE starts_with(path, ?)",
+                    [str(dst), len(str(src)) + 1, str(src) + "/"])
+    finally:
+        con.close()
+    return dst
+
+
 def temporaries(home: Path) -> set[str]:
     """Build folders in the artifact store (stage/.tmp-*): left behind only by a kill mid-build."""
     root = home / "artifacts"

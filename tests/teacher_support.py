@@ -146,3 +146,13 @@ def server_process(api_key: str | None = None, fault_rate: float = 0.0,
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def teacher_gate_off(monkeypatch: Any) -> None:
+    """Corpus tasks called directly (outside a flow) skip the Prefect global-concurrency gate (see the
+    `no_teacher_gate` fixture in tests/conftest.py for why)."""
+    import contextlib
+
+    import tasks.corpus
+
+    monkeypatch.setattr(tasks.corpus, "teacher_gate", contextlib.nullcontext)

@@ -23,7 +23,7 @@ import yaml
 from deploy.local import LocalPrefect
 from tests import chaos_support as cs
 from tests.openai_server import FakeOpenAI
-from tests.teacher_support import FAKE_KEY, KEY_ENV, profile_data, word_requests
+from tests.teacher_support import FAKE_KEY, profile_data, word_requests
 from tinymars.artifacts import verify
 from tinymars.lineage import Lineage, LineageLocked
 
@@ -37,11 +37,7 @@ LOCK_TROUBLE = ("database is locked", "LineageLocked", "Conflicting lock", "Trac
 def zygote(prefect_harness):
     from prefect.settings import PREFECT_API_URL
 
-    z = cs.Zygote({**cs.run_env(PREFECT_API_URL.value()), KEY_ENV: FAKE_KEY})
-    try:
-        yield z
-    finally:
-        z.close()
+    return cs.shared_zygote(PREFECT_API_URL.value())  # its runs have the test teacher's key
 
 
 def _run_all(zygote: cs.Zygote, argvs: list[list[str]], logs: Path, home: Path) -> list[str]:

@@ -4,7 +4,6 @@ file, quarantines the folder, rebuilds that stage only (to the same bytes), and 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -56,7 +55,7 @@ def test_damaged_file_is_named_quarantined_and_only_its_stage_rebuilt(zygote, tm
     name, filename = KINDS[kind]
     stage = name.split(":")[0]
     home = tmp_path / "home"
-    shutil.copytree(cs.complete_home(zygote, tmp_path_factory.mktemp("complete")), home)
+    cs.copy_home(cs.complete_home(zygote, tmp_path_factory.mktemp("complete")), home)
     before = cs.final_artifacts(home)
     key = before[name]["key"]
     folder = home / "artifacts" / stage / key

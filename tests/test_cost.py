@@ -77,7 +77,7 @@ def test_audit_of_one_run_as_text(audited_home, capsys):
     assert "no lineage database" in capsys.readouterr().err
 
 
-def test_estimate_before_a_run_bounds_what_it_costs(tmp_path, monkeypatch, capsys):
+def test_estimate_before_a_run_bounds_what_it_costs(tmp_path, monkeypatch, capsys, no_teacher_gate):
     monkeypatch.setenv(KEY_ENV, FAKE_KEY)
     home = tmp_path / "home"
     with FakeOpenAI() as fake:

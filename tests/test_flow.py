@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from app.cli import main
+from tests.chaos_support import copy_home
 from tinymars.lineage import Lineage
 
 pytestmark = pytest.mark.slow
@@ -17,11 +18,9 @@ ALL = ["corpus", "channels", "tokenizer", "pack", "train:native", "train:baselin
 
 
 @pytest.fixture(scope="module")
-def chain(prefect_harness, tmp_path_factory):
-    """One cold run through the real CLI; the tests below build on its home folder."""
-    home = tmp_path_factory.mktemp("flow") / "home"
-    assert main(["run", "--profile", "tiny", "--home", str(home)]) == 0
-    return home
+def chain(tiny_reference, tmp_path_factory):
+    """A copy of the session's one cold tiny run through the real CLI; the tests below build on it."""
+    return copy_home(tiny_reference, tmp_path_factory.mktemp("flow") / "home")
 
 
 def _iterate(home: Path, **kw):

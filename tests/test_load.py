@@ -8,13 +8,11 @@ Wall time and memory are printed by bench/load.py, not asserted here.
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-import tasks.corpus
 from corpus.rows import read_rows
 from tests.teacher_support import FAKE_KEY, KEY_ENV, ROOT, load_calls
 from tests.test_teacher_corpus import STATUS_OF, _assert_every_row_valid
@@ -23,12 +21,12 @@ from tinymars.lineage import Lineage
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.usefixtures("no_teacher_gate")  # no shared Prefect limit in-process
 def test_ten_thousand_calls_with_five_percent_faults_complete_with_exact_ledgers(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     from load import run_load
 
     monkeypatch.setenv(KEY_ENV, FAKE_KEY)
-    monkeypatch.setattr(tasks.corpus, "teacher_gate", contextlib.nullcontext)  # no shared Prefect limit in-process
     out = run_load(tmp_path / "home")
     assert out["calls"] == load_calls() >= 10_000
     outcomes = Counter(out["outcomes"])

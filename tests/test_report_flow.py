@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 
 from app.cli import main
+from tests.chaos_support import copy_home
 from tinymars.lineage import Lineage
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def chain(prefect_harness, tmp_path_factory):
-    """One cold tiny run, then an eval-only change (eval + report rebuild): two runs to compare."""
-    home = tmp_path_factory.mktemp("report") / "home"
-    assert main(["run", "--profile", "tiny", "--home", str(home)]) == 0
+def chain(tiny_reference, tmp_path_factory):
+    """The session's cold tiny run (a copy), then an eval-only change (eval + report rebuild): two runs to compare."""
+    home = copy_home(tiny_reference, tmp_path_factory.mktemp("report") / "home")
     assert main(["run", "--profile", "tiny", "--home", str(home), "--set", "eval.alpha=0.05"]) == 0
     lin = Lineage(home / "lineage.duckdb")
     runs = sorted(lin.runs(), key=lambda r: r["started_at"])

@@ -21,7 +21,7 @@ from corpus.template_teacher import generate_corpus
 from scorers.register import register_score
 from tasks.corpus import corpus_task
 from tests.openai_server import FakeOpenAI
-from tests.teacher_support import FAKE_KEY, KEY_ENV, ROOT, make_profile, profile_data
+from tests.teacher_support import FAKE_KEY, KEY_ENV, ROOT, make_profile, profile_data, teacher_gate_off
 from tinymars.lineage import Lineage
 
 FAULTS = ["429", "500", "503", "timeout", "drop", "malformed", "html", "empty", "length"]
@@ -32,7 +32,7 @@ CALLS = 3 * 4 * 3 + 3 * (4 + 1) * 2  # selection: 3 caps x 4 prompts x 3 rows; r
 
 
 @pytest.fixture(autouse=True)
-def _key(monkeypatch):
+def _key(monkeypatch, no_teacher_gate):
     monkeypatch.setenv(KEY_ENV, FAKE_KEY)
 
 
@@ -45,6 +45,7 @@ def reference(tmp_path_factory) -> bytes:
     """corpus.jsonl of an uninterrupted, fault-free run."""
     with pytest.MonkeyPatch.context() as mp, FakeOpenAI() as fake:
         mp.setenv(KEY_ENV, FAKE_KEY)
+        teacher_gate_off(mp)  # as no_teacher_gate does for each test
         result = corpus_task.fn(make_profile(fake.base_url), str(tmp_path_factory.mktemp("ref")))
     return _corpus_file(result).read_bytes()
 
