@@ -10,7 +10,9 @@ one prompt appears with every channel state it is generated for, each with its o
   other; the target follows the channel. Two rows per conflict prompt, one per channel pole.
 
 Every target passes pre-flight (the eval's own scorers) before it is emitted; a failing prompt is
-dropped whole and counted. All content comes from `corpus/data/*.json`; randomness comes from
+dropped whole and counted. The row contract, ids, split and pre-flight live in `corpus.rows` (the
+hosted teacher, `corpus.teacher_corpus`, shares them and this module's prompt scenarios). All
+content comes from `corpus/data/*.json`; randomness comes from
 `random.Random` seeded per (seed, capability, purpose), so one capability's rows do not change
 when another capability is added or removed.
 """

@@ -11,7 +11,7 @@ from pathlib import Path
 from tinymars.artifacts import code_version
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("tinymars", "flows", "tasks", "models", "corpus", "scorers")
+PACKAGES = ("app", "tinymars", "flows", "tasks", "models", "corpus", "scorers")
 
 
 def new_run_id() -> str:
