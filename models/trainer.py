@@ -31,13 +31,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.architectures import build_info
-from models.checkpoint import checkpoint_files, latest_checkpoint, load_model, save_model, write_checkpoint
+from models.checkpoint import checkpoint_files, latest_checkpoint, save_model, write_checkpoint
 from models.data import PackedRows, batch_rows, eval_batches, loss_token_counts, make_batch, shard_rows
 from models.distributed import Runtime, setup
 from tinymars.artifacts import hash_json
 from tinymars.profile import TrainRecipe
 
-__all__ = ["TrainRecipe", "train", "heldout_loss", "load_model", "lr_at", "param_groups"]
+__all__ = ["train", "heldout_loss", "lr_at", "param_groups"]
 
 # Recipe settings that change nothing a resumed run computes: left out of the checkpoint fingerprint.
 RESUME_NEUTRAL = {"log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "device"}
