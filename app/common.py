@@ -49,7 +49,7 @@ def call_flow(label: str, on_interrupt: str, flow_fn: Any, **params: Any) -> tup
 
 def preflight(profile_arg: str, overrides: list[str], refresh: list[str]) -> Profile:
     """Everything that can be checked before work starts; raises ProfileError with the fix."""
-    prof = load_profile(absolute_profile(profile_arg), overrides)
+    prof = load_profile(_absolute(profile_arg), overrides)
     try:
         downstream(refresh)
     except ValueError as exc:
@@ -102,8 +102,9 @@ def missing_device(prof: Profile) -> str | None:
     return None
 
 
-def absolute_profile(profile_arg: str) -> str:
-    """Paths are made absolute so a flow run elsewhere (a worker) finds the same file."""
+def _absolute(profile_arg: str) -> str:
+    """A profile path made absolute, so an error about the file names it unambiguously (flows receive the
+    validated Profile itself, not the path)."""
     path = Path(profile_arg).expanduser()
     if profile_arg in shipped_profiles() or not (path.suffix in (".yaml", ".yml") or path.exists()):
         return profile_arg  # a shipped name, or an unknown one the loader names as typed

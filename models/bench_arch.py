@@ -90,8 +90,8 @@ def bench_model(name: str, spec: dict[str, Any], train_rows: PackedRows, heldout
     """Train one model for `budget_s` training seconds; its row of the results table, with the loss-vs-time curve."""
     model = build(spec, vocab_size=pack_meta["vocab_size"], seq_len=pack_meta["seq_len"],
                   channel_names=pack_meta["channel_names"], channel_dim=pack_meta["channel_dim"], seed=cfg.seed)
-    summary = train(model, train_rows, heldout_rows, cfg, out_dir, pack_meta["pad_id"], log,
-                    time_budget_s=float(budget_s), eval_every_s=float(budget_s) / eval_points)
+    time_box = {"time_budget_s": float(budget_s), "eval_every_s": float(budget_s) / eval_points}
+    summary = train(model, train_rows, heldout_rows, cfg, out_dir, pack_meta["pad_id"], log, **time_box)
     records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line]
     curve = [{"step": r["step"], "train_s": r["train_s"], "loss": r["loss"], "val_loss": r.get("heldout_loss"),
               "val_bpb": r.get("heldout_bpb")} for r in records]
@@ -100,8 +100,7 @@ def bench_model(name: str, spec: dict[str, Any], train_rows: PackedRows, heldout
             "train_s": train_s, "train_loss": summary["final_loss"], "val_loss": summary["final_heldout_loss"],
             "val_bpb": summary["final_heldout_bpb"],
             "tok_per_s": steps * cfg.batch_size * pack_meta["seq_len"] / max(train_s, 1e-9),
-            "train_config": {**summary["train_config"], "time_budget_s": float(budget_s),
-                             "eval_every_s": float(budget_s) / eval_points}, "curve": curve}
+            "train_config": {**summary["train_config"], **time_box}, "curve": curve}
 
 
 def table_rows(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
