@@ -19,15 +19,17 @@ from app.common import (
     print_table,
     runnable_here,
 )
+from app.power import power_lines
 from tinymars.profile import ProfileError, shipped_profiles
-from tinymars.stages import ORDER
+from tinymars.stages import ALIAS_NOTE, ALIASES, ORDER
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tinymars",
         description="Run proprioceptive-channel LM experiment iterations: corpus -> channels -> tokenizer "
-        "-> pack -> train -> eval -> report, each stage cached by content and recorded in DuckDB lineage.",
+        "-> pack -> train -> steer -> generate -> score -> report, each stage cached by content and recorded in "
+        "DuckDB lineage.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -35,9 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", required=True, help=f"a shipped profile ({', '.join(shipped_profiles())}) "
                      "or a path to a YAML profile")
     run.add_argument("--refresh", action="append", default=[], metavar="STAGE",
-                     help=f"force STAGE and everything downstream of it; repeatable; one of {', '.join(ORDER)}")
-    run.add_argument("--only", metavar="STAGE", choices=ORDER,
-                     help="stop after STAGE (the stages it needs still run or come from cache)")
+                     help=f"force STAGE and everything downstream of it; repeatable; one of {', '.join(ORDER)} "
+                     f"({ALIAS_NOTE}: the former eval stage, kept as an alias)")
+    run.add_argument("--only", metavar="STAGE", choices=(*ORDER, *ALIASES),
+                     help="stop after STAGE (the stages it needs still run or come from cache); eval = score")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a profile value (YAML syntax), e.g. --set train.steps=50; repeatable")
     home_arg(run)
@@ -101,6 +104,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except ProfileError as exc:
         return fail(str(exc))
     print(f"profile '{prof.name}' is valid (hash {prof.hash()[:12]})")
+    print("\n".join(power_lines(prof)))
     if reason := runnable_here(prof):
         print(f"note: cannot run here: {reason}")
     return 0

@@ -27,7 +27,8 @@ def estimate(section: Any, cache_path: Path | None = None) -> dict[str, Any]:
     templates = load_templates(teacher.prompts_dir)
     price = teacher_price(teacher)
     plan = plan_corpus(list(section.capabilities), section.prompts_per_capability,
-                       section.conflict_prompts_per_capability, section.seed, templates)
+                       section.conflict_prompts_per_capability, section.seed, templates,
+                       heldout_fraction=section.heldout_fraction)
     params = {"temperature": teacher.temperature, "max_tokens": teacher.max_tokens}
     cache = CallCache(cache_path) if cache_path is not None and cache_path.exists() else None
     try:

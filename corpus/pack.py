@@ -1,7 +1,9 @@
 """Tokenize rows into parquet shards of token ids, loss masks and channel vectors.
 
-One corpus row is one sequence: each row carries its own channel state, so rows are not
-concatenated. Ids are stored unpadded (list<int32>); the loader pads to a static length.
+One shard row per corpus row, each with its own channel state, stored unpadded (list<int32>).
+Packing happens in the trainer's loader (models.data): it lays whole rows end to end in seq_len
+windows, anew every epoch, keeping each row's channels with its tokens; the held-out split is
+scored per row. So a row is never cut here beyond seq_len + 1 tokens (the most one sequence holds).
 """
 
 from __future__ import annotations

@@ -1,9 +1,14 @@
-"""Corpus rows (corpus v2): the row contract, ids, the split by prompt, pre-flight, stats, and reading them back.
+"""Corpus rows (corpus v2): the row contract, ids, the split, pre-flight, stats, and reading them back.
 
 Both teachers (the offline template teacher and a hosted one, `corpus.teacher_corpus`) emit rows
 through these functions, so a row looks the same whoever wrote its target. The schema is in
 ARCHITECTURE.md ("Corpus rows"). Pre-flight uses the eval's own scorers: a target that would fail
 its own metric never enters the corpus.
+
+The split is decided before any prompt is built, on two levels: each prompt number is train or
+held out (`prompt_splits`), and each entity pool (people, memories, threads, questions, answer
+cores) is partitioned between the splits (`pool_partition`); a prompt draws its entities from its
+own split's part only, so no held-out prompt shares an entity with any train prompt.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from tinymars.domain import CAPABILITIES
 ID_PREFIX = {"memory": "mem", "identity": "idn", "continuity": "cnt",
              "affect": "aff", "time": "tim", "ethics": "eth"}  # fmt: skip
 POLE_SUFFIX = {"+": "pos", "-": "neg"}
+SPLITS = ("train", "heldout")
 LETTERS = "abc"
 ROW_FIELDS = ("row_id", "prompt_id", "capability", "kind", "split", "prompt", "items", "salient_item", "pole",
               "text_pole", "channel_state", "target")  # fmt: skip
@@ -53,7 +59,7 @@ def prompt_id(capability: str, number: int, conflict: bool = False) -> str:
 
 
 def selection_row(
-    capability: str, pid: str, prompt: str, items: list[dict[str, Any]], salient: int, target: str
+    capability: str, pid: str, split: str, prompt: str, items: list[dict[str, Any]], salient: int, target: str
 ) -> dict[str, Any]:
     """The row of a selection prompt whose channel marks item `salient`."""
     return make_row(
@@ -61,6 +67,7 @@ def selection_row(
         prompt_id=pid,
         capability=capability,
         kind="selection",
+        split=split,
         prompt=prompt,
         items=items,
         salient_item=salient,
@@ -72,7 +79,8 @@ def selection_row(
 
 
 def register_row(
-    capability: str, pid: str, base: dict[str, Any], pole: str, conflict: bool, state: dict[str, Any], target: str
+    capability: str, pid: str, split: str, base: dict[str, Any], pole: str, conflict: bool, state: dict[str, Any],
+    target: str,
 ) -> dict[str, Any]:
     """The row of a register or conflict prompt whose channel holds `pole`."""
     return make_row(
@@ -80,6 +88,7 @@ def register_row(
         prompt_id=pid,
         capability=capability,
         kind="conflict" if conflict else "register",
+        split=split,
         prompt=base["texts"][pole],
         items=None,
         salient_item=None,
@@ -95,14 +104,16 @@ def flip(pole: str) -> str:
 
 
 def make_row(**fields: Any) -> dict[str, Any]:
-    """A row with the contract's fields in order; `split` is filled in once the prompt ids are known."""
-    mismatched = set(fields) ^ (set(ROW_FIELDS) - {"split"})
+    """A row with the contract's fields in order (`split` may be left out and set by the caller)."""
+    mismatched = (set(fields) - {"split"}) ^ (set(ROW_FIELDS) - {"split"})
     if mismatched:
         raise TypeError(f"row fields do not match the contract: {sorted(mismatched)}")
+    if "split" in fields and fields["split"] not in SPLITS:
+        raise ValueError(f"row {fields['row_id']}: split must be one of {SPLITS}, got {fields['split']!r}")
     return {name: fields.get(name) for name in ROW_FIELDS}
 
 
-def heldout_prompt_ids(prompt_ids: list[str], heldout_fraction: float, rng: random.Random) -> set[str]:
+def heldout_prompt_ids(prompt_ids: list[Any], heldout_fraction: float, rng: random.Random) -> set[Any]:
     """round(fraction * n) prompts held out, but at least one held out and one kept when n >= 2."""
     n = len(prompt_ids)
     if n == 0:
@@ -118,12 +129,29 @@ def capability_rng(seed: int, capability: str, purpose: str) -> random.Random:
     return random.Random(f"tinymars/{seed}/{capability}/{purpose}")
 
 
-def assign_splits(rows: list[dict], capability: str, heldout_fraction: float, seed: int) -> None:
-    """Set `split` on a capability's regular rows, drawn over the prompts kept (never across a prompt)."""
-    ids = list(dict.fromkeys(r["prompt_id"] for r in rows))
-    held = heldout_prompt_ids(ids, heldout_fraction, capability_rng(seed, capability, "split"))
-    for row in rows:
-        row["split"] = "heldout" if row["prompt_id"] in held else "train"
+def prompt_splits(capability: str, prompts: int, heldout_fraction: float, seed: int) -> list[str]:
+    """The split of each regular prompt number of a capability, decided before any prompt is built (so the
+    prompt can draw its entities from its own split's pools). A prompt later rejected by pre-flight leaves
+    its split's count one short: the fraction holds approximately, exactly when nothing is rejected."""
+    held = heldout_prompt_ids(list(range(prompts)), heldout_fraction, capability_rng(seed, capability, "split"))
+    return ["heldout" if number in held else "train" for number in range(prompts)]
+
+
+def pool_partition(pool: str, size: int, heldout_fraction: float, seed: int, at_least: int = 1) -> frozenset[int]:
+    """The indices of a pool's entities that only held-out prompts may use (the rest only train prompts).
+
+    round(fraction * size) entities, but at least `at_least` on each side (a selection prompt needs three
+    distinct items of its own split). One shuffle per (seed, pool) with the held-out part taken from its
+    front, so the partition does not depend on the capabilities asked for, and a larger fraction only moves
+    entities from train to held out. Raises ValueError when the pool cannot feed both sides.
+    """
+    if size < 2 * at_least:
+        raise ValueError(f"corpus/data pool '{pool}' has {size} entries; an entity-disjoint split needs at least "
+                         f"{2 * at_least} ({at_least} per split); add entries to the pool")
+    k = min(size - at_least, max(at_least, round(heldout_fraction * size)))
+    order = list(range(size))
+    random.Random(f"tinymars/{seed}/pool/{pool}").shuffle(order)
+    return frozenset(order[:k])
 
 
 def check_corpus_args(

@@ -4,13 +4,18 @@ an OpenAI-compatible endpoint, every target checked by its capability's scorer b
 1. Plan (no calls, deterministic by seed): the same prompt builders, pools and random streams as
    `corpus.template_teacher`, one *slot* per row whose target the teacher writes (3 per selection
    prompt, 2 per register or conflict prompt), each with its request built from corpus/prompts.
+   Each prompt's split is fixed here, before anything is paid for, and its scenario (people composed
+   from names and crafts, items, questions, answer cores) is drawn from that split's part of every
+   entity pool: a held-out request shares no entity with any train request, so an honest teacher
+   cannot leak train content into the held-out split. What the answers share anyway is measured
+   after generation (`corpus.overlap`, in the corpus stage).
 2. Ask: every slot's request through the backend (online client or Batch API); answers come from the
    call cache when they can.
 3. Pre-flight: each target is parsed and scored (selection: `dominant` and no other item named;
    register: the pole's sign, plus VADER agreeing across the pair for affect). A failing slot is
    asked again with a new seed up to `resamples` times; a prompt with a slot still failing is dropped
    whole, and every reject is counted by reason.
-4. Assemble rows in the ARCHITECTURE.md schema, split by prompt exactly as the template teacher does.
+4. Assemble rows in the ARCHITECTURE.md schema, each with its planned split.
 
 Rows depend only on the answers, and answers only on the requests, so a run resumed from the cache
 after a kill gives the same corpus as one that never stopped.
@@ -37,7 +42,6 @@ from corpus.openai_teacher import (
     parse_target,
 )
 from corpus.rows import (
-    assign_splits,
     capability_rng,
     check_corpus_args,
     corpus_stats,
@@ -45,12 +49,20 @@ from corpus.rows import (
     preflight_register,
     preflight_selection,
     prompt_id,
+    prompt_splits,
     register_row,
     selection_row,
 )
 from corpus.teacher_limits import Budget
 from corpus.teacher_prompts import Templates, load_templates
-from corpus.template_teacher import register_prompt, register_state, register_wrap, selection_prompt
+from corpus.template_teacher import (
+    Side,
+    entity_split_sizes,
+    register_prompt,
+    register_state,
+    register_wrap,
+    selection_prompt,
+)
 from scorers.register import register_score
 from scorers.selection import item_mentions
 from tinymars.domain import SELECTION_CAPABILITIES
@@ -76,6 +88,7 @@ class PlannedPrompt:
     capability: str
     number: int
     conflict: bool
+    split: str
     slots: list[Slot]
     prompt: str = ""  # selection
     items: list[dict[str, Any]] = field(default_factory=list)  # selection
@@ -90,20 +103,20 @@ class PlannedPrompt:
 # ---------------------------------------------------------------- plan
 
 
-def _plan_selection(capability: str, number: int, rng: Any, seen: set[str]) -> PlannedPrompt:
-    prompt, items, template_targets = selection_prompt(capability, rng, seen)
+def _plan_selection(capability: str, number: int, rng: Any, seen: set[str], side: Side) -> PlannedPrompt:
+    prompt, items, template_targets = selection_prompt(capability, rng, seen, side)
     slots = []
     for i, item in enumerate(items):
         avoid = [k for j, other in enumerate(items) if j != i for k in other["keys"]]
         fields = {"prompt": prompt, "salient": item["text"], "keys": ", ".join(item["keys"]), "avoid": ", ".join(avoid)}
         slots.append(Slot(capability, capability, fields, i, len(template_targets[i])))
-    return PlannedPrompt(capability, number, False, slots, prompt=prompt, items=items)
+    return PlannedPrompt(capability, number, False, side.split, slots, prompt=prompt, items=items)
 
 
 def _plan_register(
-    capability: str, number: int, rng: Any, seen: set[str], conflict: bool, registers: dict[str, Any]
+    capability: str, number: int, rng: Any, seen: set[str], conflict: bool, registers: dict[str, Any], side: Side
 ) -> PlannedPrompt:
-    base = register_prompt(capability, rng, seen, conflict)
+    base = register_prompt(capability, rng, seen, conflict, side)
     slots, states = [], {}
     for pole in ("+", "-"):
         opener, closer = register_wrap(capability, pole, rng)
@@ -114,26 +127,28 @@ def _plan_register(
             fields["text_register"] = registers[capability][flip(pole)]["register"]
         typical = len(opener) + len(base["core"]) + len(closer) + 2
         slots.append(Slot(capability, "conflict" if conflict else "register", fields, pole, typical))
-    return PlannedPrompt(capability, number, conflict, slots, base=base, states=states)
+    return PlannedPrompt(capability, number, conflict, side.split, slots, base=base, states=states)
 
 
 def plan_corpus(
     capabilities: list[str], prompts_per_capability: int, conflict_prompts_per_capability: int, seed: int,
-    templates: Templates,
+    templates: Templates, *, heldout_fraction: float,
 ) -> list[PlannedPrompt]:
-    """Every prompt and slot of the corpus, before any call (the template teacher's pools and streams)."""
+    """Every prompt and slot of the corpus with its split, before any call (the template teacher's pools,
+    entity split and streams; conflict prompts are held out)."""
     plan: list[PlannedPrompt] = []
     for cap in capabilities:
         rng, seen = capability_rng(seed, cap, "prompts"), set()
-        for number in range(prompts_per_capability):
+        for number, split in enumerate(prompt_splits(cap, prompts_per_capability, heldout_fraction, seed)):
+            side = Side(split, heldout_fraction, seed)
             if cap in SELECTION_CAPABILITIES:
-                plan.append(_plan_selection(cap, number, rng, seen))
+                plan.append(_plan_selection(cap, number, rng, seen, side))
             else:
-                plan.append(_plan_register(cap, number, rng, seen, False, templates.registers))
+                plan.append(_plan_register(cap, number, rng, seen, False, templates.registers, side))
         if cap not in SELECTION_CAPABILITIES:
-            conflict_rng = capability_rng(seed, cap, "conflict")
+            conflict_rng, held_out = capability_rng(seed, cap, "conflict"), Side("heldout", heldout_fraction, seed)
             for number in range(conflict_prompts_per_capability):
-                plan.append(_plan_register(cap, number, conflict_rng, seen, True, templates.registers))
+                plan.append(_plan_register(cap, number, conflict_rng, seen, True, templates.registers, held_out))
     return plan
 
 
@@ -196,7 +211,6 @@ async def generate(
     templates: Templates,
     seed: int,
     resamples: int,
-    heldout_fraction: float,
     log: Callable[[str], None] = lambda _: None,
 ) -> TeacherCorpus:
     """Ask the backend for every slot (resampling failures), pre-flight, and assemble the corpus."""
@@ -223,7 +237,7 @@ async def generate(
                 verdicts[key] = ("rejected", reason)
                 still.append((prompt, slot))
         pending = still
-    rows, stats, prompt_rejects = _assemble(plan, targets, verdicts, seed, heldout_fraction)
+    rows, stats, prompt_rejects = _assemble(plan, targets, verdicts)
     stats["preflight"] = {
         "targets_checked": checked,
         "targets_rejected": sum(sum(c.values()) for c in rejects.values()),
@@ -237,10 +251,9 @@ async def generate(
 
 def _assemble(
     plan: list[PlannedPrompt], targets: dict[int, tuple[str, str]], verdicts: dict[str, tuple[str, str | None]],
-    seed: int, heldout_fraction: float,
 ) -> tuple[list[dict], dict, dict[str, Counter[str]]]:
-    """Rows of every prompt whose slots all have targets and that passes the whole-prompt check, split as
-    the template teacher splits; each call that wrote a target gets its verdict."""
+    """Rows of every prompt whose slots all have targets and that passes the whole-prompt check, each with its
+    planned split; each call that wrote a target gets its verdict."""
     per_capability: dict[str, tuple[list[dict], int, int]] = {}
     prompt_rejects: dict[str, Counter[str]] = {}
     for cap in dict.fromkeys(p.capability for p in plan):
@@ -259,9 +272,6 @@ def _assemble(
                 prompt_rejects[cap][reason] += 1
             rejected_conflict += prompt.conflict
             rejected += not prompt.conflict
-        assign_splits(regular, cap, heldout_fraction, seed)
-        for row in conflict:
-            row["split"] = "heldout"
         per_capability[cap] = (regular + conflict, rejected, rejected_conflict)
     rows, stats = corpus_stats(per_capability)
     return rows, stats, prompt_rejects
@@ -269,10 +279,10 @@ def _assemble(
 
 def _rows(prompt: PlannedPrompt, targets: dict[int | str, str]) -> list[dict[str, Any]]:
     if prompt.items:
-        return [selection_row(prompt.capability, prompt.pid, prompt.prompt, prompt.items, i, targets[i])
+        return [selection_row(prompt.capability, prompt.pid, prompt.split, prompt.prompt, prompt.items, i, targets[i])
                 for i in range(len(prompt.items))]
-    return [register_row(prompt.capability, prompt.pid, prompt.base, pole, prompt.conflict, prompt.states[pole],
-                         targets[pole]) for pole in ("+", "-")]
+    return [register_row(prompt.capability, prompt.pid, prompt.split, prompt.base, pole, prompt.conflict,
+                         prompt.states[pole], targets[pole]) for pole in ("+", "-")]
 
 
 def target_length_stats(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -342,7 +352,8 @@ def generate_teacher_corpus(
     price = teacher_price(teacher)
     templates = load_templates(teacher.prompts_dir)
     plan = plan_corpus(list(section.capabilities), section.prompts_per_capability,
-                       section.conflict_prompts_per_capability, section.seed, templates)
+                       section.conflict_prompts_per_capability, section.seed, templates,
+                       heldout_fraction=section.heldout_fraction)
     cache = CallCache(Path(cache_dir) / "calls.sqlite")
     try:
         invocation = cache.start_invocation()
@@ -363,8 +374,7 @@ def generate_teacher_corpus(
 
         async def run() -> TeacherCorpus:
             try:
-                return await generate(plan, backend, templates, section.seed, teacher.resamples,
-                                      section.heldout_fraction, log)
+                return await generate(plan, backend, templates, section.seed, teacher.resamples, log)
             finally:
                 await client.close()
 
@@ -382,7 +392,8 @@ def generate_teacher_corpus(
             raise
         calls = orphans + _with_verdicts(client.records, result.verdicts)
         cache.finish_invocation(client.invocation)
-        return TeacherResult(result.rows, result.stats, calls, budget.spent_now)
+        stats = {**result.stats, "entities": entity_split_sizes(section.heldout_fraction, section.seed)}
+        return TeacherResult(result.rows, stats, calls, budget.spent_now)
     finally:
         cache.close()
 

@@ -1,4 +1,4 @@
-"""The iteration flow: corpus -> channels -> tokenizer -> pack -> train -> steer -> eval -> report.
+"""The iteration flow: corpus -> channels -> tokenizer -> pack -> train -> steer -> generate -> score -> report.
 
 Composition only: each task builds or reuses a content-addressed artifact and hands back a
 record; this flow process is the only writer of the lineage database.
@@ -18,16 +18,17 @@ from prefect.runtime import flow_run
 from flows.train import handback_path
 from tasks.channels import channels_task
 from tasks.corpus import corpus_task
-from tasks.eval import eval_task
+from tasks.generate import generate_task
 from tasks.pack import pack_task
 from tasks.report import report_task
+from tasks.score import score_task
 from tasks.steering import steer_applies, steer_task
 from tasks.tokenizer import tokenizer_task
 from tasks.train import train_task
 from tinymars.lineage import Lineage
 from tinymars.profile import Profile, as_profile
 from tinymars.runinfo import git_state, new_run_id, project_code_version
-from tinymars.stages import ORDER, downstream
+from tinymars.stages import downstream, last_stage
 
 
 def dispatch_training(prof: Profile, home: str, pack: dict[str, Any], force: bool) -> dict[str, dict[str, Any]]:
@@ -68,9 +69,8 @@ def iteration(
     YAML path with `overrides` (a deployment's parameters)."""
     log = get_run_logger()
     prof = as_profile(profile, overrides)
-    forced = downstream(refresh or [])
-    if only is not None and only not in ORDER:
-        raise ValueError(f"only: unknown stage '{only}'; allowed: {', '.join(ORDER)}")
+    forced = downstream(refresh or [])  # `eval` (the former stage) stands for generate + score
+    only = last_stage(only) if only is not None else None
     lineage = Lineage(Path(home) / "lineage.duckdb")
     run_id = new_run_id()
     sha, dirty = git_state()
@@ -126,9 +126,11 @@ def iteration(
         stop_after("train")
         steer = step("steer", steer_task, corpus, tokenizer, trained) if steer_applies(prof) else None
         stop_after("steer")
-        evaluation = step("eval", eval_task, corpus, channels, tokenizer, pack, trained, steer)
-        stop_after("eval")
-        report = step("report", report_task, corpus, pack, trained, evaluation)
+        generation = step("generate", generate_task, corpus, channels, tokenizer, pack, trained, steer)
+        stop_after("generate")
+        scored = step("score", score_task, generation)
+        stop_after("score")
+        report = step("report", report_task, corpus, pack, trained, scored, steer)
     except StopAfter:
         report = None
     except BaseException as exc:

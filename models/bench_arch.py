@@ -8,8 +8,10 @@ budget the step count is unknown in advance, so a decay schedule would favour wh
 step time happened to match the guess.
 
 val_bpb is the trainer's held-out bits per byte: total target-token nats / ln 2 / UTF-8 bytes of
-those targets (the packer stores each row's target bytes). tok/s counts the token positions of
-every training batch (rows x seq_len) per training second, first step included.
+those targets (the packer stores each row's target bytes). tok/s counts the real tokens of every
+training batch (positions holding a row's token, padding excluded; models.trainer) per training
+second, first step included: a model that reads packed windows and the adapter, padded one row per
+sequence, are compared on the work they did.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def bench_model(name: str, spec: dict[str, Any], train_rows: PackedRows, heldout
     return {"name": name, "arch": spec["arch"], "spec": spec, "params": count_params(model), "steps": steps,
             "train_s": train_s, "train_loss": summary["final_loss"], "val_loss": summary["final_heldout_loss"],
             "val_bpb": summary["final_heldout_bpb"],
-            "tok_per_s": steps * cfg.batch_size * pack_meta["seq_len"] / max(train_s, 1e-9),
+            "tok_per_s": summary["timing"]["real_tokens"] / max(train_s, 1e-9),
             "train_config": {**summary["train_config"], **time_box}, "curve": curve}
 
 

@@ -1,10 +1,26 @@
 """Packed parquet shards -> fixed-shape training and eval batches, sharded across DDP ranks.
 
-Rows are never concatenated (each row has its own channel state), so a batch is B rows, each
-cut or padded to T = seq_len. Shapes never change between steps: that keeps torch.compile
-and XLA from recompiling. The training order is a pure function of (seed, step), so a run
-resumed at step s sees exactly the batches the uninterrupted run would have seen, and every
-rank derives the same global batch and takes its own slice of it (no sampler state to save).
+A sequence of T = seq_len positions is either one row, padded (`make_batch`), or a *window*: whole
+rows laid end to end until the next one would not fit (`make_window_batch`). A row of L tokens
+fills L - 1 positions (inputs ids[:-1], targets ids[1:]), so a row never predicts the next row's
+first token and is never cut. A window carries, per position, the slot of its row (`row_ids`,
+-1 on the tail padding) and its position inside the row (`positions`, restarting at 0), per row
+slot the row's channel vectors ([B, R, C, D]), and per tile of TILE positions the row slots the
+tile touches (`row_tiles` [B, nT, Rb]): the model keeps attention inside a row and reads each
+position's own row's channels (models.gpt.Window). R and Rb are fixed for a split
+(`window_slots`, `tile_slots`), so shapes never change between steps: torch.compile and XLA
+compile once.
+
+Packing happens here, per epoch, not in the pack stage: the pack artifact stays one row per corpus
+row (held-out losses, bits per byte, the eval and a channel control all work per row), and every
+epoch packs the rows anew, so rows meet different neighbours. Epoch e shuffles the rows
+(`epoch_order`), fills windows best fit (`pack_windows`: each window takes the longest row of a
+look-ahead buffer that still fits, as nanochat's loader does for documents, but never crops one),
+then shuffles the windows, so long and short rows are not served in order. All of it is a pure
+function of (rows, seq_len, seed): a run resumed at step s sees exactly the windows the
+uninterrupted run would have seen, and every rank derives the same global batch and takes its own
+slice of it (no sampler state to save). `batch_size` counts sequences: windows when packed, rows
+otherwise.
 
 Shards are memory-mapped and token rows are zero-copy views of the Arrow buffers, so DDP ranks
 on one host share the page cache instead of each holding a copy; channels are one dense array.
@@ -12,6 +28,7 @@ on one host share the page cache instead of each holding a copy; channels are on
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,6 +40,9 @@ import torch
 from torch import Tensor
 
 COLUMNS = ("row_id", "prompt_id", "capability", "input_ids", "loss_mask", "channels")
+LOOKAHEAD = 2048  # rows the best-fit packer chooses among; more fills windows better but costs O(buffer) per row
+PAD_ROW = -1  # row_ids of a window's tail padding (and row_tiles entries that name no row)
+TILE = 64  # most positions per tile of the channel injection (models.gpt.ChannelInjection._per_row)
 
 
 @dataclass
@@ -99,6 +119,7 @@ def load_split(paths: Sequence[str | Path], channel_dim: int | None = None) -> P
                       np.concatenate(nbytes) if nbytes else np.zeros(0, np.int64))
 
 
+# ---- one row per sequence (padded) -------------------------------------------------------------
 def make_batch(rows: PackedRows, index: np.ndarray, seq_len: int, pad_id: int) -> dict[str, Tensor]:
     """Rows `index` -> idx/targets/loss_mask [B,T] and channels [B,C,D].
 
@@ -152,6 +173,11 @@ def loss_token_counts(rows: PackedRows, seq_len: int) -> np.ndarray:
     return np.array([int(m[1:seq_len + 1].sum()) for m in rows.loss_mask], dtype=np.int64)
 
 
+def row_positions(rows: PackedRows, seq_len: int) -> np.ndarray:
+    """Per row, the positions it fills in a sequence (its real tokens): min(L, seq_len + 1) - 1, at least 0."""
+    return np.array([max(0, min(len(a), seq_len + 1) - 1) for a in rows.input_ids], dtype=np.int64)
+
+
 def iterate_batches(rows: PackedRows, batch_size: int, seq_len: int, pad_id: int, seed: int,
                     start_step: int = 0) -> Iterator[dict[str, Tensor]]:
     """Endless shuffled global batches of exactly batch_size rows, from `start_step` on (see batch_rows)."""
@@ -161,25 +187,234 @@ def iterate_batches(rows: PackedRows, batch_size: int, seq_len: int, pad_id: int
         step += 1
 
 
+# ---- whole rows packed into windows ------------------------------------------------------------
+def pack_windows(lengths: np.ndarray, order: Sequence[int] | np.ndarray, seq_len: int,
+                 lookahead: int = LOOKAHEAD) -> list[np.ndarray]:
+    """Rows (taken in `order`) -> windows: arrays of row indices whose lengths sum to at most seq_len.
+
+    Best fit over a look-ahead buffer: a window takes the longest buffered row that still fits (the
+    earliest of equal ones), refilling the buffer from `order`, until none fits; then the next window
+    starts. No row is cut and every row of positive length lands in exactly one window; rows of
+    length 0 (nothing to predict) are left out. Deterministic: the same inputs give the same windows.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size and int(lengths.max()) > seq_len:
+        raise ValueError(f"a row fills {int(lengths.max())} positions, more than seq_len {seq_len}; "
+                         "rows are cut to seq_len + 1 tokens (row_positions) before packing")
+    queue = [int(r) for r in order if lengths[r] > 0]
+    buffer: list[tuple[int, int]] = []  # (length, place in queue), sorted
+    taken = 0
+
+    def refill() -> None:
+        nonlocal taken
+        while len(buffer) < lookahead and taken < len(queue):
+            bisect.insort(buffer, (int(lengths[queue[taken]]), taken))
+            taken += 1
+
+    refill()
+    windows: list[np.ndarray] = []
+    while buffer:
+        room, window = seq_len, []
+        while room > 0:
+            fits = bisect.bisect_right(buffer, (room, len(queue))) - 1
+            if fits < 0:
+                break
+            at = bisect.bisect_left(buffer, (buffer[fits][0], -1))  # the earliest row of that length
+            length, place = buffer.pop(at)
+            window.append(queue[place])
+            room -= length
+            refill()
+        windows.append(np.array(window, dtype=np.int64))
+    return windows
+
+
+def window_slots(lengths: np.ndarray, seq_len: int) -> int:
+    """R, the row slots of every window of a split: the most rows a window can hold (seq_len // shortest row).
+
+    One fixed number per split keeps the channels tensor [B, R, C, D] one shape for every batch.
+    """
+    positive = np.asarray(lengths)[np.asarray(lengths) > 0]
+    if positive.size == 0:
+        raise ValueError("no row has a token to predict (every row is a single token); check the pack stage")
+    return int(min(seq_len // int(positive.min()), positive.size))
+
+
+def tiling(seq_len: int) -> tuple[int, int]:
+    """(nT, S): a window's positions cut into nT = ceil(T / TILE) tiles of S = ceil(T / nT) <= TILE positions
+    (the last may be shorter). The model recovers S from nT the same way."""
+    n = -(-seq_len // TILE)
+    return n, -(-seq_len // n)
+
+
+def tile_slots(lengths: np.ndarray, seq_len: int) -> int:
+    """Rb, the most rows one tile can touch: its first and last rows may show one position each, every
+    row between fills at least the shortest row's length."""
+    positive = np.asarray(lengths)[np.asarray(lengths) > 0]
+    if positive.size == 0:
+        raise ValueError("no row has a token to predict (every row is a single token); check the pack stage")
+    span = tiling(seq_len)[1]
+    return int(min(window_slots(lengths, seq_len), 1 if span == 1 else 2 + (span - 2) // int(positive.min())))
+
+
+def packing_efficiency(lengths: np.ndarray, windows: Sequence[np.ndarray], seq_len: int) -> float:
+    """Real positions / all positions of the windows (1.0: no padding at all)."""
+    used = sum(int(np.asarray(lengths)[w].sum()) for w in windows)
+    return used / max(1, len(windows) * seq_len)
+
+
+def make_window_batch(rows: PackedRows, windows: Sequence[np.ndarray], seq_len: int, pad_id: int,
+                      slots: int, tiles: int) -> dict[str, Tensor]:
+    """Windows (each an array of row indices) -> idx/targets/loss_mask/row_ids/positions [B,T], channels
+    [B,R,C,D] (R = slots; empty slots are zeros), row_tiles [B,nT,Rb] (Rb = tiles) and target_bytes [B]
+    (the window's rows' target bytes).
+
+    Within a window, row j fills the next L_j - 1 positions with its inputs/targets/mask exactly as
+    `make_batch` lays out a row alone; row_ids is its slot j there (PAD_ROW on the tail padding) and
+    positions count 0, 1, ... from its first token. Tile i (positions i*S ..., `tiling`) lists the
+    slots from its first position's row on, PAD_ROW past the window's last row.
+    """
+    B, T = len(windows), seq_len
+    _, C, D = rows.channels.shape
+    idx = np.full((B, T), pad_id, np.int64)
+    tgt = np.full((B, T), pad_id, np.int64)
+    mask = np.zeros((B, T), np.float32)
+    row_ids = np.full((B, T), PAD_ROW, np.int64)
+    positions = np.zeros((B, T), np.int64)
+    channels = np.zeros((B, slots, C, D), np.float32)
+    nbytes = np.zeros(B, np.int64)
+    for b, window in enumerate(windows):
+        if len(window) > slots:
+            raise ValueError(f"a window holds {len(window)} rows but the batch has {slots} row slots")
+        at = 0
+        for slot, r in enumerate(window):
+            ids, m = rows.input_ids[r][: T + 1], rows.loss_mask[r][: T + 1]
+            n = len(ids) - 1
+            if at + n > T:
+                raise ValueError(f"window {b} overflows seq_len {T}; windows come from pack_windows")
+            idx[b, at:at + n], tgt[b, at:at + n], mask[b, at:at + n] = ids[:-1], ids[1:], m[1:]
+            row_ids[b, at:at + n] = slot
+            positions[b, at:at + n] = np.arange(n)
+            at += n
+        channels[b, :len(window)] = rows.channels[window]
+        nbytes[b] = rows.target_bytes[window].sum()
+    n_tiles, span = tiling(T)
+    first = row_ids[:, np.arange(n_tiles) * span]  # the row of each tile's first position
+    row_tiles = first[:, :, None] + np.arange(tiles)
+    n_rows = np.array([len(w) for w in windows])[:, None, None]
+    row_tiles[(first[:, :, None] < 0) | (row_tiles >= n_rows)] = PAD_ROW
+    return {"idx": torch.from_numpy(idx), "targets": torch.from_numpy(tgt), "loss_mask": torch.from_numpy(mask),
+            "channels": torch.from_numpy(channels), "row_ids": torch.from_numpy(row_ids),
+            "positions": torch.from_numpy(positions), "row_tiles": torch.from_numpy(row_tiles),
+            "target_bytes": torch.from_numpy(nbytes)}
+
+
+class WindowStream:
+    """The endless training stream of packed windows of one split (see the module docstring).
+
+    Epoch e: the rows in epoch_order(n, seed, e), packed by `pack_windows`, then the windows shuffled
+    by (seed, e). Windows of consecutive epochs follow each other; window w of the stream is found by
+    packing the epochs before it (a few ms each; the last two epochs are cached), so any step can
+    be computed without replaying the steps before it.
+    """
+
+    def __init__(self, lengths: np.ndarray, seq_len: int, seed: int, lookahead: int = LOOKAHEAD):
+        self.lengths, self.seq_len, self.seed, self.lookahead = np.asarray(lengths), seq_len, seed, lookahead
+        self.slots, self.tiles = window_slots(self.lengths, seq_len), tile_slots(self.lengths, seq_len)
+        self._starts = [0]  # stream index of each packed epoch's first window; one more entry than epochs
+        self._cache: dict[int, list[np.ndarray]] = {}
+
+    def epoch(self, e: int) -> list[np.ndarray]:
+        if e not in self._cache:
+            order = epoch_order(len(self.lengths), self.seed, e)
+            windows = pack_windows(self.lengths, order, self.seq_len, self.lookahead)
+            shuffle = np.random.default_rng([self.seed, e, 1]).permutation(len(windows))
+            self._cache = {k: v for k, v in self._cache.items() if k == e - 1}
+            self._cache[e] = [windows[i] for i in shuffle]
+        return self._cache[e]
+
+    def _locate(self, w: int) -> tuple[int, int]:
+        """(epoch, index within it) of stream window w, packing epochs as far as needed."""
+        while self._starts[-1] <= w:
+            e = len(self._starts) - 1
+            self._starts.append(self._starts[-1] + len(self.epoch(e)))
+        e = bisect.bisect_right(self._starts, w) - 1
+        return e, w - self._starts[e]
+
+    def windows(self, start: int, count: int) -> list[np.ndarray]:
+        out = []
+        for w in range(start, start + count):
+            e, i = self._locate(w)
+            out.append(self.epoch(e)[i])
+        return out
+
+    def batch(self, step: int, batch_size: int) -> list[np.ndarray]:
+        """The batch_size windows of global batch `step` (0-based)."""
+        return self.windows(step * batch_size, batch_size)
+
+
+class TrainBatches:
+    """What the trainer draws each step, packed (windows) or padded (one row per sequence).
+
+    `units(step)` is the global batch as batch_size arrays of row indices (a window, or one row);
+    `make(units)` builds the tensors; `real_tokens` / `loss_tokens` count what those units hold
+    (tok/s counts real tokens, the loss is normalised by loss tokens). `slots` is the row-slot
+    axis of the channels (R when packed, None when each sequence has its own [C, D]).
+    """
+
+    def __init__(self, rows: PackedRows, seq_len: int, pad_id: int, seed: int, packed: bool):
+        self.rows, self.seq_len, self.pad_id, self.seed, self.packed = rows, seq_len, pad_id, seed, packed
+        self.lengths = row_positions(rows, seq_len)
+        self.loss_counts = loss_token_counts(rows, seq_len)
+        self.stream = WindowStream(self.lengths, seq_len, seed) if packed else None
+        self.slots = self.stream.slots if self.stream is not None else None
+
+    def units(self, step: int, batch_size: int) -> list[np.ndarray]:
+        if self.stream is not None:
+            return self.stream.batch(step, batch_size)
+        return [np.array([r]) for r in batch_rows(len(self.rows), batch_size, self.seed, step)]
+
+    def make(self, units: Sequence[np.ndarray]) -> dict[str, Tensor]:
+        if self.stream is not None:
+            return make_window_batch(self.rows, units, self.seq_len, self.pad_id, self.stream.slots,
+                                     self.stream.tiles)
+        return make_batch(self.rows, np.concatenate(units), self.seq_len, self.pad_id)
+
+    def real_tokens(self, units: Sequence[np.ndarray]) -> int:
+        return int(sum(self.lengths[u].sum() for u in units))
+
+    def loss_tokens(self, units: Sequence[np.ndarray]) -> int:
+        return int(sum(self.loss_counts[u].sum() for u in units))
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
 def pad_batch(batch: dict[str, Tensor], size: int, pad_id: int) -> dict[str, Tensor]:
-    """Append empty rows (pad tokens, mask 0, zero channels) up to `size` rows: one shape for every batch."""
+    """Append empty sequences (pad tokens, mask 0, zero channels, padding rows) up to `size`: one shape."""
     extra = size - batch["idx"].size(0)
     if extra <= 0:
         return batch
+    fill = {"idx": pad_id, "targets": pad_id, "row_ids": PAD_ROW, "row_tiles": PAD_ROW}
     out = {}
     for k, v in batch.items():
-        filler = torch.full((extra, *v.shape[1:]), pad_id if k in ("idx", "targets") else 0, dtype=v.dtype)
-        out[k] = torch.cat([v, filler])
+        out[k] = torch.cat([v, torch.full((extra, *v.shape[1:]), fill.get(k, 0), dtype=v.dtype)])
     return out
 
 
 def eval_batches(rows: PackedRows, batch_size: int, seq_len: int, pad_id: int,
-                 fixed_shape: bool = False) -> Iterator[dict[str, Tensor]]:
-    """Rows in order, with `target_bytes` [B] for bits per byte.
+                 fixed_shape: bool = False, packed: bool = False) -> Iterator[dict[str, Tensor]]:
+    """Every row once, with `target_bytes` [B] for bits per byte: rows in order, or (`packed`) windows
+    of whole rows packed best fit in row order; batch_size sequences per batch.
 
-    The last batch may be smaller, unless `fixed_shape` (XLA): then it is padded with empty rows
+    The last batch may be smaller, unless `fixed_shape` (XLA): then it is padded with empty sequences
     that carry no loss and no bytes, so evaluation compiles one graph.
     """
+    if packed:
+        lengths = row_positions(rows, seq_len)
+        windows = pack_windows(lengths, range(len(rows)), seq_len)
+        slots, tiles = window_slots(lengths, seq_len), tile_slots(lengths, seq_len)
+        for start in range(0, len(windows), batch_size):
+            batch = make_window_batch(rows, windows[start:start + batch_size], seq_len, pad_id, slots, tiles)
+            yield pad_batch(batch, batch_size, pad_id) if fixed_shape else batch
+        return
     for start in range(0, len(rows), batch_size):
         index = np.arange(start, min(start + batch_size, len(rows)))
         batch = make_batch(rows, index, seq_len, pad_id)

@@ -11,8 +11,11 @@ Arms (the prompt rows are identical across arms; only what carries the state cha
 
 Follow-up turns (persistence): turn k's prompt is turn k-1's prompt, its response and a fixed
 follow-up line, with the arm's channel still set; the scorer asks whether the effect survives.
-Only MARS and ABLATED get follow-up turns (the persistence contrast); TEXT would pay the longest
-prompts for a question the channel-vs-text table already answers at turn 0.
+Only MARS and ABLATED get follow-up turns; TEXT would pay the longest prompts for a question the
+channel-vs-text table already answers at turn 0. From turn 1 on a third follow-up arm, `mars_cut`
+(tinymars.domain.CUT_ARM), continues MARS's own conversation (its turn-0 answer in the prompt) with the
+channel zeroed: MARS vs MARS_CUT at turn 1 see the same text, so their difference is the state the
+channel carries, not what copying the conversation carries.
 
 Plain torch, no Prefect: a notebook can call `generate_arms` on any trained model.
 """
@@ -29,6 +32,7 @@ import torch
 from corpus.encode import state_as_prompt_text
 from models.generate import GREEDY, Sampling, generate
 from models.steer_hook import SteerArm
+from tinymars.domain import CUT_ARM
 
 ARMS = ("mars", "ablated", "text", "steer")
 FOLLOWUP_ARMS = ("mars", "ablated")
@@ -107,6 +111,10 @@ def generate_arms(
     records = []
     for turn in range(followup_turns + 1):
         turn_arms = arms if turn == 0 else [a for a in arms if a in FOLLOWUP_ARMS]
+        if turn == 1 and "mars" in arms:  # the cut arm branches off MARS's turn-0 conversation
+            answered[CUT_ARM], texts[CUT_ARM] = answered["mars"], list(texts["mars"])
+        if turn >= 1 and "mars" in arms:
+            turn_arms = [*turn_arms, CUT_ARM]
         ids = {arm: [tok.prompt_ids(t) for t in texts[arm]] for arm in turn_arms}
         # one prompt length for every arm of a turn: with fixed shapes, one compiled graph serves them all
         prompt_len = max((len(p) for arm in turn_arms for p in ids[arm]), default=1)

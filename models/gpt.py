@@ -12,9 +12,20 @@ Notable choices
   Python loop), because data-dependent shapes made the XLA/TPU run 12x slower in the reference.
 - The encoder and injections have no biases, so a zeroed channel contributes exactly nothing:
   "ABLATED" means the text-only path, whatever the gates learned.
+- Packed windows (models.data, `window=Window(...)`): attention is block-diagonal causal (SDPA with
+  an explicit mask: a position reads only earlier positions of its own row), RoPE positions restart
+  at every row, and each position's channel injection reads its own row's channel tokens
+  (channels [B,R,C,D], one slot per row). So a row in a window computes what it computes alone,
+  and nothing of one row reaches another. Without a window: one row per sequence.
+- Training asks for the loss only (`return_logits=False`): the head then runs only at positions whose
+  loss_mask is set (targets are ~half of a packed window and ~2% of a padded one), in the autocast
+  dtype (bf16 on accelerators), with the cross-entropy in fp32.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -36,6 +47,63 @@ def masked_cross_entropy(logits: Tensor, targets: Tensor, loss_mask: Tensor | No
         return ce.mean()
     m = loss_mask.flatten().to(ce.dtype)
     return (ce * m).sum() / m.sum().clamp_min(1.0)
+
+
+HEAD_CHUNK_LOGITS = 1 << 26  # logits per chunk of the target-only head (64M: 256 MB in fp32)
+
+
+@torch.compiler.disable  # the number of target positions changes every batch: kept out of compiled graphs
+def target_cross_entropy(hidden: Tensor, head: Callable[[Tensor], Tensor], targets: Tensor,
+                         loss_mask: Tensor | None) -> Tensor:
+    """Mean next-token CE over loss_mask == 1 positions, the head applied at those positions only.
+
+    hidden [B,T,W] -> head -> logits [n, V] in the head's dtype (bf16 under autocast), CE in fp32,
+    in chunks of HEAD_CHUNK_LOGITS logits (without gradients that bounds the memory; with them the
+    chunks' fp32 log-probabilities are kept for backward either way). On XLA the head runs at every
+    position instead, so the graph keeps one shape (a selection's size would change it every batch).
+    """
+    if loss_mask is None or hidden.device.type == "xla":
+        return masked_cross_entropy(head(hidden), targets, loss_mask)
+    keep = loss_mask.flatten() > 0
+    h, t = hidden.flatten(0, 1)[keep], targets.flatten()[keep]
+    vocab = getattr(head, "out_features", None) or hidden.size(-1)  # an nn.Linear head, or a same-width one
+    step = max(1, HEAD_CHUNK_LOGITS // vocab)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, max(1, h.size(0)), step):  # once even with no target: the head stays in the graph
+        logits = head(h[start:start + step])
+        total = total + F.cross_entropy(logits.float(), t[start:start + step], reduction="sum")
+    return total / max(1, h.size(0))
+
+
+def same_row_causal_mask(row_ids: Tensor) -> Tensor:
+    """[B,1,T,T] bool for SDPA: position t reads s iff s <= t and both belong to the same row.
+
+    The tail padding of a window (row id -1) is one more "row" of its own; every position reads at
+    least itself, so no softmax row is empty.
+    """
+    T = row_ids.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=row_ids.device).tril()
+    return ((row_ids[:, :, None] == row_ids[:, None, :]) & causal)[:, None]
+
+
+class Window(NamedTuple):
+    """The layout of a batch of packed windows [B,T] (models.data.make_window_batch builds the tensors)."""
+
+    row_ids: Tensor  # [B,T] slot of the row a position belongs to; -1 on the tail padding
+    positions: Tensor  # [B,T] position inside its row: RoPE restarts at 0 at every row
+    row_tiles: Tensor  # [B,nT,Rb] the row slots each tile of ceil(T/nT) positions touches; -1: none
+
+    @classmethod
+    def of(cls, batch: dict[str, Tensor]) -> Window | None:
+        """The window layout of a batch dict, or None for one row per sequence."""
+        return cls(batch["row_ids"], batch["positions"], batch["row_tiles"]) if "row_ids" in batch else None
+
+
+def gather_rows(per_row: Tensor, slots: Tensor) -> Tensor:
+    """per_row [B,R,...], slots [B,n] -> [B,n,...]: entry slots[b,i] of window b (a slot of -1 reads slot 0)."""
+    B, R = per_row.shape[:2]
+    flat = slots.clamp(0, R - 1) + R * torch.arange(B, device=slots.device)[:, None]
+    return per_row.flatten(0, 1).index_select(0, flat.flatten()).view(*slots.shape, *per_row.shape[2:])
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -95,9 +163,9 @@ class SelfAttention(nn.Module):
         # under bf16 autocast rope/rms_norm run in fp32 while v stays bf16; SDPA wants one dtype
         q, k = rms_norm(rope(q, cos, sin)).to(v.dtype), rms_norm(rope(k, cos, sin)).to(v.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B,H,T,E]
-        if cache is None:
+        if cache is None:  # training / scoring: causal, or (packed windows) causal within each row
             p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p)
         else:
             k, v = cache.update(layer, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -135,7 +203,11 @@ class ChannelInjection(nn.Module):
         self.proj = nn.Linear(width, width, bias=False)
         self.gate = nn.Parameter(torch.zeros(n_channels))
 
-    def forward(self, x: Tensor, tokens: Tensor) -> Tensor:
+    def forward(self, x: Tensor, tokens: Tensor, window: Window | None = None) -> Tensor:
+        """tokens [B,C,K,M] (one row per sequence), or [B,R,C,K,M] with a packed `window` (each position
+        reads its own row's tokens)."""
+        if window is not None:
+            return self._per_row(x, tokens, window)
         B, T, M = x.shape
         _, C, K, _ = tokens.shape
         q = self.q(x).view(B, T, self.n_head, self.head_dim)
@@ -145,6 +217,35 @@ class ChannelInjection(nn.Module):
         # Scaling v by the gate == scaling each channel's output; the sum over c happens in the einsum.
         v = v * self.gate.view(1, C, 1, 1, 1)
         y = torch.einsum("bhtck,bckhe->bthe", att, v).reshape(B, T, M)
+        return F.dropout(self.proj(y), self.dropout, self.training)
+
+    def _per_row(self, x: Tensor, tokens: Tensor, window: Window) -> Tensor:
+        """The same attention with each position's keys and values taken from its own row, tile by tile.
+
+        Keys/values are projected and gated once per row slot. A tile of S positions touches at most Rb
+        consecutive rows (window.row_tiles, a bound the loader derives from the shortest row), so it
+        reads those Rb rows' C*K tokens only: scores [S, Rb*C*K] per tile and head, softmax over each
+        channel's K tokens, then every weight of another row than the position's own is zeroed. Per
+        position that is Rb*C*K scores per head, instead of a copy of its row's C*K*2M keys/values.
+        """
+        B, T, M = x.shape
+        _, R, C, K, _ = tokens.shape
+        H, E, tiles = self.n_head, self.head_dim, window.row_tiles
+        nT, Rb = tiles.shape[1:]
+        S = -(-T // nT)
+        kv = self.kv(tokens).view(B, R, C, K, 2, H, E)
+        k, v = kv[..., 0, :, :], kv[..., 1, :, :] * self.gate.view(1, 1, C, 1, 1, 1)
+        rows_kv = torch.stack([k, v], 2).flatten(3, 4)  # [B,R,2,C*K,H,E]
+        k, v = gather_rows(rows_kv, tiles.flatten(1)).view(B, nT, Rb, 2, C * K, H, E).unbind(3)
+        k = k.permute(0, 1, 4, 5, 2, 3).reshape(B, nT, H, E, Rb * C * K)
+        v = v.permute(0, 1, 4, 2, 3, 5).reshape(B, nT, H, Rb * C * K, E)
+        q = F.pad(self.q(x), (0, 0, 0, nT * S - T)).view(B, nT, S, H, E).transpose(2, 3)  # [B,nT,H,S,E]
+        att = ((q @ k) * E**-0.5).view(B, nT, H, S, Rb, C, K).softmax(dim=-1)
+        rows = F.pad(window.row_ids, (0, nT * S - T), value=-1).view(B, nT, S, 1)
+        own = (rows == tiles[:, :, None, :]) & (rows >= 0)  # [B,nT,S,Rb]: the position's own row
+        att = att * own[:, :, None, :, :, None, None].to(att.dtype)
+        att = F.dropout(att, self.dropout, self.training).view(B, nT, H, S, Rb * C * K)
+        y = (att @ v).transpose(2, 3).reshape(B, nT * S, M)[:, :T]
         return F.dropout(self.proj(y), self.dropout, self.training)
 
 
@@ -169,15 +270,18 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, tokens: Tensor | None,
-                cache: KVCache | None = None, layer: int = 0, mask: Tensor | None = None) -> Tensor:
+                cache: KVCache | None = None, layer: int = 0, mask: Tensor | None = None,
+                window: Window | None = None) -> Tensor:
         x = x + self.attn(rms_norm(x), cos, sin, cache, layer, mask)
         if self.inject is not None:
-            x = x + self.inject(rms_norm(x), tokens)
+            x = x + self.inject(rms_norm(x), tokens, window)
         return x + self.mlp(rms_norm(x))
 
 
 class ChannelDecoder(nn.Module):
     """Decoder-only LM; with `cfg.channel_names` empty it is the channel-less baseline."""
+
+    packs_rows = True  # forward takes a packed `window` and return_logits=False: the trainer packs its data
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -217,12 +321,16 @@ class ChannelDecoder(nn.Module):
 
     # ---- channels -------------------------------------------------------------------------
     def encode_channels(self, channels: Tensor | None, batch: int) -> Tensor | None:
-        """Channel tokens [B,C,K,M]; None channels are zeros (the ablated state)."""
+        """Channel tokens [B,C,K,M], or [B,R,C,K,M] for per-row channels [B,R,C,D]; None channels are
+        zeros (the ablated state)."""
         if self.encoder is None:
             return None
         if channels is None:
             channels = self.wte.weight.new_zeros(batch, self.cfg.n_channels, self.cfg.channel_dim)
-        return self.encoder(channels.to(self.wte.weight.dtype))
+        channels = channels.to(self.wte.weight.dtype)
+        if channels.dim() == 4:  # one slot per row of a packed window
+            return self.encoder(channels.flatten(0, 1)).unflatten(0, channels.shape[:2])
+        return self.encoder(channels)
 
     def _rope(self, pos: Tensor) -> tuple[Tensor, Tensor]:
         """cos/sin [..., T, 1, E/2] for integer positions [..., T]."""
@@ -231,15 +339,31 @@ class ChannelDecoder(nn.Module):
 
     # ---- training / scoring ---------------------------------------------------------------
     def forward(self, idx: Tensor, channels: Tensor | None = None, targets: Tensor | None = None,
-                loss_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Logits [B,T,V] and, given next-token targets, the mean CE over loss_mask==1 positions."""
+                loss_mask: Tensor | None = None, *, window: Window | None = None,
+                return_logits: bool = True) -> tuple[Tensor | None, Tensor | None]:
+        """Logits [B,T,V] float32 and, given next-token targets, the mean CE over loss_mask==1 positions.
+
+        Packed windows: `window` (Window.of(batch)) and per-row channels [B,R,C,D] (models.data).
+        `return_logits=False` (training) returns (None, loss) with the head run only at target positions.
+        """
         B, T = idx.shape
-        cos, sin = self._rope(torch.arange(T, device=idx.device))
+        if window is None:
+            cos, sin, mask = *self._rope(torch.arange(T, device=idx.device)), None
+        else:
+            if channels is not None and channels.dim() != 4:
+                raise ValueError(f"packed windows take per-row channels [B,R,C,D], got {tuple(channels.shape)}")
+            cos, sin = self._rope(window.positions)
+            mask = same_row_causal_mask(window.row_ids)
+            if channels is None:
+                channels = self.wte.weight.new_zeros(B, 1, self.cfg.n_channels, self.cfg.channel_dim)
         tokens = self.encode_channels(channels, B)
         x = self.wte(idx)
         for block in self.blocks:
-            x = block(x, cos, sin, tokens)
-        logits = self.lm_head(rms_norm(x)).float()
+            x = block(x, cos, sin, tokens, mask=mask, window=window)
+        h = rms_norm(x)
+        if not return_logits:
+            return None, None if targets is None else target_cross_entropy(h, self.lm_head, targets, loss_mask)
+        logits = self.lm_head(h).float()
         return logits, None if targets is None else masked_cross_entropy(logits, targets, loss_mask)
 
     # ---- generation -----------------------------------------------------------------------

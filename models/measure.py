@@ -2,8 +2,10 @@
 
 Relief valve: the held-out target loss of every trained model, with its channels zeroed (and, for a
 channel model, on), so the scorers can compare the native with channels zeroed against the
-channel-less baselines (scorers.relief). Gates: the evaluated model's ReZero gate values per layer
-and channel, and their L2 norm. Both land in the eval artifact's `measurements.json`.
+channel-less baselines (scorers.relief). Every row is scored whole, in packed windows for models that
+read them (models.trainer.heldout_loss: the per-row numbers up to float rounding), so the native and
+the baselines are measured alike. Gates: the evaluated model's ReZero gate values per layer and
+channel, and their L2 norm. Both land in the eval artifact's `measurements.json`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from models.trainer import heldout_loss
 
 def relief_losses(models: Mapping[str, nn.Module], heldout: PackedRows, batch_size: int, seq_len: int,
                   pad_id: int) -> dict[str, dict[str, Any]]:
-    """{model name: {has_channels, channels_zeroed: loss, channels_on: loss (channel models only)}}, by name."""
+    """{model name: {has_channels, channels_zeroed: loss, channels_on: loss (channel models only)}}, by name.
+
+    batch_size is sequences per forward: windows of seq_len for models that read them, rows otherwise.
+    """
     kw = dict(batch_size=batch_size, seq_len=seq_len, pad_id=pad_id)
     relief = {}
     for name, model in sorted(models.items()):

@@ -67,6 +67,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any] | None:
     import torch
 
     from models.architectures import build, count_params
+    from models.controls import apply_channel_control
     from models.data import load_split
     from models.trainer import train
     from tinymars.artifacts import write_atomic
@@ -78,7 +79,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any] | None:
         b, data = job["build"], job["data"]
         model = build(job["spec"], vocab_size=b["vocab_size"], seq_len=b["seq_len"],
                       channel_names=b["channel_names"], channel_dim=b["channel_dim"], seed=b.get("seed"))
-        train_rows = load_split(data["train"], channel_dim=data["channel_dim"])
+        train_rows = apply_channel_control(load_split(data["train"], channel_dim=data["channel_dim"]), cfg)
         held = load_split(data["heldout"], channel_dim=data["channel_dim"]) if data.get("heldout") else None
         extra = f", frozen base {model.base_params():,}" if hasattr(model, "base_params") else ""
         log(f"{job['spec']['arch']} {count_params(model):,} trainable parameters{extra}; {cfg.steps} steps of "

@@ -5,12 +5,21 @@ comes from the architecture, not from the recipe: AdamW with decay groups, warmu
 linear decay, gradient clipping, gradient accumulation, channel dropout with its own warmup,
 bf16 autocast on accelerators (`models.distributed` hides the device differences).
 
+Data: with `packing` (the default) a batch is `batch_size` windows of seq_len positions, each holding
+whole rows end to end (models.data: attention, positions and channels stay inside each row), so
+~95-99% of the positions are real tokens instead of the ~4-30% a padded row gives. Models that
+cannot read windows (the adapter: its frozen base may be a Hugging Face model, whose attention
+takes no per-row mask from us) and `packing: false` train one row per sequence, padded, with
+batch_size = rows. The loss covers target tokens only and the head runs only at them
+(`return_logits=False`). tokens/s and MFU count real tokens (positions holding a row's token), not
+padding, whichever layout: the two are comparable.
+
 Loss normalisation: a micro-batch contributes (sum of its target-token CE) / (target tokens in
 the whole global batch), times the number of ranks (DDP and XLA average gradients over ranks).
 The gradient is then exactly that of the global batch's mean loss whatever the split over devices
 and accumulation steps: 2 processes train like 1 with the same global batch, up to float rounding.
 
-Randomness is a pure function of (seed, step): the batch (models.data.batch_rows), the channel
+Randomness is a pure function of (seed, step): the batch (models.data.TrainBatches), the channel
 dropout mask and the dropout seed are derived per step, so resuming at step s needs only s, and
 a checkpoint (weights, optimizer, step, loss accumulators, metrics) continues bit-exactly.
 """
@@ -32,12 +41,13 @@ from torch import Tensor, nn
 
 from models.architectures import build_info
 from models.checkpoint import checkpoint_files, latest_checkpoint, save_model, write_checkpoint
-from models.data import PackedRows, batch_rows, eval_batches, loss_token_counts, make_batch, shard_rows
+from models.data import PackedRows, TrainBatches, eval_batches, shard_rows
 from models.distributed import Runtime, setup
+from models.gpt import Window
 from tinymars.artifacts import hash_json
 from tinymars.profile import TrainRecipe
 
-__all__ = ["train", "heldout_loss", "lr_at", "param_groups"]
+__all__ = ["train", "heldout_loss", "lr_at", "param_groups", "reads_windows"]
 
 # Recipe settings that change nothing a resumed run computes: left out of the checkpoint fingerprint.
 RESUME_NEUTRAL = {"log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "device"}
@@ -60,19 +70,26 @@ def channel_dropout_at(step: int, cfg: TrainRecipe) -> float:
     return cfg.channel_dropout * min(1.0, step / ramp)
 
 
+def reads_windows(model: nn.Module) -> bool:
+    """Whether `model` reads packed windows (`window=`) and returns the loss alone (`return_logits=False`)."""
+    return bool(getattr(model, "packs_rows", False))
+
+
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
-def channel_keep(rows: int, channels: int, p: float, seed: int, step: int) -> Tensor | None:
-    """[rows, C] keep mask of the global batch: drop whole channels per row with probability p.
+def channel_keep(rows: int | tuple[int, ...], channels: int, p: float, seed: int, step: int) -> Tensor | None:
+    """[*rows, C] keep mask of the global batch: drop whole channels per row with probability p.
 
+    `rows` is the batch's row axes: (B,) for one row per sequence, (B, R) for windows of R row slots.
     Drawn for the whole global batch on every rank, so a row's mask does not depend on the rank count.
     """
     if p <= 0.0 or channels == 0:
         return None
     gen = torch.Generator().manual_seed(step_seed(seed, step, 1 << 20))
-    return (torch.rand(rows, channels, generator=gen) >= p).float()
+    shape = (rows,) if isinstance(rows, int) else tuple(rows)
+    return (torch.rand(*shape, channels, generator=gen) >= p).float()
 
 
 def param_groups(model: nn.Module, cfg: TrainRecipe) -> list[dict[str, Any]]:
@@ -106,9 +123,13 @@ def token_ce_sum(logits: Tensor, targets: Tensor, loss_mask: Tensor) -> Tensor:
 
 @torch.no_grad()
 def heldout_loss(model: nn.Module, rows: PackedRows, batch_size: int, seq_len: int, pad_id: int,
-                 zero_channels: bool = False, *, runtime: Runtime | None = None) -> dict[str, float]:
+                 zero_channels: bool = False, *, runtime: Runtime | None = None,
+                 packed: bool | None = None) -> dict[str, float]:
     """Target-token loss over a split; bits_per_byte = total nats / ln 2 / total target bytes.
 
+    Every row is scored whole, alone in its sequence or (`packed`, the default for models that read
+    windows) in windows of whole rows where nothing crosses a row: the same numbers up to float
+    rounding, for a fraction of the positions. batch_size is sequences (windows or rows) per forward.
     With a multi-rank runtime each rank scores every world-th row and the totals are summed; on
     XLA the last batch is padded to full size (one graph) and totals stay on the device until the end.
     """
@@ -116,17 +137,26 @@ def heldout_loss(model: nn.Module, rows: PackedRows, batch_size: int, seq_len: i
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    packed = reads_windows(model) if packed is None else packed
+    if packed and not reads_windows(model):
+        raise ValueError(f"{type(model).__name__} does not read packed windows; score it with packed=False")
     if rt is not None and rt.world > 1:
         rows = rows.subset(range(rt.rank, len(rows), rt.world))
     xla = device.type == "xla"
     acc = torch.zeros(3, dtype=torch.float32 if xla else torch.float64, device=device)  # nats, tokens, bytes
-    for b in eval_batches(rows, batch_size, seq_len, pad_id, fixed_shape=xla):
+    for b in eval_batches(rows, batch_size, seq_len, pad_id, fixed_shape=xla, packed=packed):
+        b = {k: t.to(device) for k, t in b.items()}
         channels = torch.zeros_like(b["channels"]) if zero_channels else b["channels"]
+        mask = b["loss_mask"]
         with rt.autocast() if rt is not None else contextlib.nullcontext():
-            logits, _ = model(b["idx"].to(device), channels.to(device))
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), b["targets"].to(device).flatten(), reduction="none")
-        mask = b["loss_mask"].to(device).flatten().to(acc.dtype)
-        acc += torch.stack([(ce.to(acc.dtype) * mask).sum(), mask.sum(), b["target_bytes"].to(device).sum()])
+            if reads_windows(model):  # the head runs at target positions only
+                _, mean = model(b["idx"], channels, b["targets"], mask, window=Window.of(b), return_logits=False)
+                nats = mean.to(acc.dtype) * mask.sum().to(acc.dtype)
+            else:
+                logits, _ = model(b["idx"], channels)
+                ce = F.cross_entropy(logits.flatten(0, 1).float(), b["targets"].flatten(), reduction="none")
+                nats = (ce.to(acc.dtype) * mask.flatten().to(acc.dtype)).sum()
+        acc += torch.stack([nats, mask.sum().to(acc.dtype), b["target_bytes"].sum().to(acc.dtype)])
     if rt is not None:
         acc = rt.sum(acc)
     total, tokens, nbytes = acc.double().cpu().tolist()
@@ -187,42 +217,46 @@ class _Loop:
         self.log = log if rt.is_main else (lambda _: None)
         self.seq_len = build_info(model)["seq_len"]
         self.micro = cfg.batch_size // (cfg.grad_accum * rt.world)
-        self.counts = loss_token_counts(rows, self.seq_len)
+        self.packed = cfg.packing and reads_windows(model)
+        if cfg.packing and not self.packed:
+            self.log(f"{type(model).__name__} does not read packed windows: one row per sequence "
+                     f"(batch_size {cfg.batch_size} = rows)")
+        self.batches = TrainBatches(rows, self.seq_len, pad_id, cfg.seed, self.packed)
         self.metrics = out_dir / "metrics.jsonl"
         model.to(rt.device).train()
         fused = rt.kind == "cuda"
         self.opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
         self.wrapped = rt.wrap(model)
         self.forward = self.wrapped
-        if cfg.compile and rt.kind != "xla":
-            self.forward = torch.compile(self.wrapped, fullgraph=rt.world == 1, dynamic=False)
+        if cfg.compile and rt.kind != "xla":  # not fullgraph: the target-only head runs eagerly after the graph
+            self.forward = torch.compile(self.wrapped, dynamic=False)
         flops = model.flops_per_token() if hasattr(model, "flops_per_token") else None
         peak = rt.peak_flops()
         self.flops_ratio = flops / peak if flops and peak else None  # MFU = tokens/s * this
 
     # ---- one optimizer step -----------------------------------------------------------------------
-    def step(self, i: int, loss_acc: Tensor) -> float:
-        """Run 0-based step i (accumulating its mean loss into loss_acc); returns its learning rate."""
+    def step(self, i: int, loss_acc: Tensor) -> tuple[float, int]:
+        """Run 0-based step i (accumulating its mean loss into loss_acc); returns its learning rate and the
+        real tokens (non-padding positions) of its global batch."""
         cfg, rt, dev = self.cfg, self.rt, self.rt.device
         rt.seed(step_seed(cfg.seed, i, rt.rank))
         lr = lr_at(i, cfg)
         for g in self.opt.param_groups:
             g["lr"] = lr * g["lr_mult"]
-        picks = batch_rows(len(self.rows), cfg.batch_size, cfg.seed, i)
-        keep = channel_keep(len(picks), self.rows.channels.shape[1], channel_dropout_at(i, cfg), cfg.seed, i)
-        denom = float(max(1, self.counts[picks].sum()))
-        positions = np.arange(len(picks))
+        units = self.batches.units(i, cfg.batch_size)
+        slots = (len(units),) if self.batches.slots is None else (len(units), self.batches.slots)
+        keep = channel_keep(slots, self.rows.channels.shape[1], channel_dropout_at(i, cfg), cfg.seed, i)
+        denom = float(max(1, self.batches.loss_tokens(units)))
+        order = np.arange(len(units))
         for a in range(cfg.grad_accum):
-            mine = shard_rows(positions, cfg.grad_accum, rt.world, rt.rank, a)
-            b = make_batch(self.rows, picks[mine], self.seq_len, self.pad_id)
-            channels = b["channels"] if keep is None else b["channels"] * keep[mine][..., None]
+            mine = shard_rows(order, cfg.grad_accum, rt.world, rt.rank, a)
+            b = self.batches.make([units[j] for j in mine])
+            b["channels"] = b["channels"] if keep is None else b["channels"] * keep[mine][..., None]
             pin = rt.kind == "cuda"
-            idx, tgt, mask, channels = (t.pin_memory().to(dev, non_blocking=True) if pin else t.to(dev)
-                                        for t in (b["idx"], b["targets"], b["loss_mask"], channels))
+            b = {k: t.pin_memory().to(dev, non_blocking=True) if pin else t.to(dev) for k, t in b.items()}
             with rt.no_sync(self.wrapped, a < cfg.grad_accum - 1):
                 with rt.autocast():
-                    logits, _ = self.forward(idx, channels)
-                    ce_sum = token_ce_sum(logits, tgt, mask)
+                    ce_sum = self.target_ce_sum(b)
                 (ce_sum * (rt.world / denom)).backward()
             loss_acc += ce_sum.detach() / denom
         rt.reduce_gradients(self.opt)
@@ -231,12 +265,23 @@ class _Loop:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         rt.step_done()
-        return lr
+        return lr, self.batches.real_tokens(units)
+
+    def target_ce_sum(self, b: dict[str, Tensor]) -> Tensor:
+        """Sum of the CE over this micro-batch's target tokens: a model that reads windows returns the mean
+        from its target-only head (times the count gives the sum); the adapter returns full logits."""
+        if reads_windows(self.model):
+            _, mean = self.forward(b["idx"], b["channels"], b["targets"], b["loss_mask"], window=Window.of(b),
+                                   return_logits=False)
+            return mean * b["loss_mask"].sum()
+        logits, _ = self.forward(b["idx"], b["channels"])
+        return token_ce_sum(logits, b["targets"], b["loss_mask"])
 
     def evaluate(self) -> dict[str, float] | None:
         if self.heldout is None or len(self.heldout) == 0:
             return None
-        return heldout_loss(self.model, self.heldout, self.micro, self.seq_len, self.pad_id, runtime=self.rt)
+        return heldout_loss(self.model, self.heldout, self.micro, self.seq_len, self.pad_id, runtime=self.rt,
+                            packed=self.packed)
 
     # ---- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self, step: int, loss_acc: Tensor, n_acc: int) -> None:
@@ -271,14 +316,16 @@ class _Loop:
             self.metrics.write_text("")
         loss_acc = torch.zeros((), device=rt.device)
         start, n_acc = self.restore(loss_acc) if resume and self.ckpt_dir is not None else (0, 0)
-        n_tok, t_last, t_start = 0, time.perf_counter(), None
+        n_tok, t_last, t_start, real_tokens, timed_tokens = 0, time.perf_counter(), None, 0, 0
         final_loss, held = float("nan"), None
         timed = time_budget_s > 0 or eval_every_s > 0
         t_begin, eval_s, next_eval_s, last = time.perf_counter(), 0.0, eval_every_s, start
         for step in range(start + 1, cfg.steps + 1):
-            lr = self.step(step - 1, loss_acc)
+            lr, tokens = self.step(step - 1, loss_acc)
             n_acc += 1
-            n_tok += cfg.batch_size * self.seq_len
+            n_tok += tokens  # real tokens, not padding
+            real_tokens += tokens
+            timed_tokens += tokens if t_start is not None else 0
             last = step
             t_start = t_start or time.perf_counter()  # first step (compile, warm-up) is not timed
             train_s = time.perf_counter() - t_begin - eval_s
@@ -316,7 +363,8 @@ class _Loop:
         steps_timed = max(last - start - 1, 1)
         # wall-clock figures are returned (and in metrics.jsonl) but never written into model files
         return {**meta, "timing": {"seconds_after_first_step": elapsed, "sec_per_step": elapsed / steps_timed,
-                                   "steps": last,
+                                   "steps": last, "real_tokens": real_tokens, "packed": self.packed,
+                                   "tok_per_s": timed_tokens / elapsed if elapsed > 0 else None,
                                    "devices": rt.world, "device": rt.device_name, "resumed_at": start}}
 
     def write_metrics(self, step: int, lr: float, loss: float, tok_s: float, held: dict[str, float] | None,

@@ -11,6 +11,10 @@ pathway for them, and a shared profile (or the eval's ABLATED arm) may still pas
 
 `keep` ([B,T,1], 1 = a real token) exists for left-padded generation: a round must multiply its
 cross-position *sources* by it, so padding is never read and a padded row equals the row alone.
+`window` (packed training windows, models.gpt.Window: row_ids, positions [B,T]) likewise: a round's
+cross-position step must read only earlier positions of the same row (graph: the [T,T] propagation
+weights are cut to same-row pairs; conv: a tap j steps back counts only at positions >= j of a row),
+so a row in a window computes what it computes alone.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.config import check_keys
-from models.gpt import masked_cross_entropy, rms_norm
+from models.gpt import Window, masked_cross_entropy, rms_norm, target_cross_entropy
 from tinymars.domain import VOCAB_ARCH_KEYS
 
 
@@ -41,17 +45,24 @@ def one_hot_state(idx: Tensor, vocab_size: int, dtype: torch.dtype) -> Tensor:
 class VocabLM(nn.Module):
     """Base of the vocabulary-space models; subclasses set `self.rounds_list` and implement `round_flops`."""
 
+    packs_rows = True  # forward takes a packed `window` and return_logits=False: the trainer packs its data
+
     def __init__(self, vocab_size: int, seq_len: int, softcap: float):
         super().__init__()
         self.vocab_size, self.seq_len, self.cap = vocab_size, seq_len, float(softcap)
         self.logit_scale = nn.Parameter(torch.tensor(1.0))
 
-    def rounds(self, x: Tensor, keep: Tensor | None) -> Tensor:
+    def rounds(self, x: Tensor, keep: Tensor | None, window: Window | None = None) -> Tensor:
         raise NotImplementedError
 
     def forward(self, idx: Tensor, channels: Tensor | None = None, targets: Tensor | None = None,
-                loss_mask: Tensor | None = None, valid: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Logits [B,T,V] float32 and, given targets, the mean CE over loss_mask == 1 (channels are ignored)."""
+                loss_mask: Tensor | None = None, valid: Tensor | None = None, *, window: Window | None = None,
+                return_logits: bool = True) -> tuple[Tensor | None, Tensor | None]:
+        """Logits [B,T,V] float32 and, given targets, the mean CE over loss_mask == 1 (channels are ignored).
+
+        Packed windows: `window` (Window.of(batch)); `return_logits=False` returns (None, loss) with the
+        softcapped head run only at target positions (as models.gpt.ChannelDecoder.forward).
+        """
         dtype = self.logit_scale.dtype
         if torch.is_autocast_enabled(idx.device.type):
             dtype = torch.get_autocast_dtype(idx.device.type)
@@ -59,9 +70,14 @@ class VocabLM(nn.Module):
         x = one_hot_state(idx, self.vocab_size, dtype)
         if keep is not None:
             x = x * keep
-        x = self.rounds(x, keep)
-        logits = softcap(rms_norm(x) * self.logit_scale.to(x.dtype), self.cap).float()
+        x = self.rounds(x, keep, window)
+        if not return_logits:
+            return None, None if targets is None else target_cross_entropy(x, self._head, targets, loss_mask)
+        logits = self._head(x).float()
         return logits, None if targets is None else masked_cross_entropy(logits, targets, loss_mask)
+
+    def _head(self, x: Tensor) -> Tensor:
+        return softcap(rms_norm(x) * self.logit_scale.to(x.dtype), self.cap)
 
     # ---- generation: no per-position state worth caching, so the "cache" keeps token ids -----------
     def new_cache(self, batch: int, max_len: int, fixed: bool = False) -> TokenCache:

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.gpt import rms_norm
+from models.gpt import Window, rms_norm
 from models.vocab_common import VocabLM, vocab_builder
 
 DEFAULTS = {"hops": 8, "kernel": 16, "fourier_basis": 16, "op_width": 128, "softcap": 30.0}
@@ -44,11 +44,26 @@ class CausalDepthwiseConv(nn.Module):
         self.weight = nn.Parameter(torch.randn(vocab_size, 1, kernel) * 0.02)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
-    def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, keep: Tensor | None, positions: Tensor | None = None) -> Tensor:
+        if positions is not None:
+            return self._within_rows(x if keep is None else x * keep, positions)
         src = (x if keep is None else x * keep).transpose(1, 2)  # [B,V,T]
         y = F.conv1d(F.pad(src, (self.kernel - 1, 0)), self.weight.to(x.dtype), self.bias.to(x.dtype),
                      groups=src.size(1))
         return y.transpose(1, 2)
+
+    def _within_rows(self, src: Tensor, positions: Tensor) -> Tensor:
+        """The same conv over packed windows, restarted at every row: tap i reads `back` = k-1-i positions
+        earlier and counts only where the position inside the row is >= back, as if zeros preceded each
+        row. One tap at a time, so only views of the padded input and [B,T,1] masks are kept for backward."""
+        T, k, w = src.size(1), self.kernel, self.weight.to(src.dtype)[:, 0, :]  # [V, k]
+        padded = F.pad(src, (0, 0, k - 1, 0))  # [B, T + k - 1, V]
+        y = self.bias.to(src.dtype)
+        for i in range(k):
+            back = k - 1 - i
+            term = padded[:, i:i + T] * w[:, i]
+            y = y + (term if back == 0 else term * (positions >= back)[..., None].to(src.dtype))
+        return y
 
 
 class FourierRegisterOp(nn.Module):
@@ -77,8 +92,8 @@ class ConvHop(nn.Module):
         self.conv_scale = nn.Parameter(torch.ones(vocab_size))
         self.op_scale = nn.Parameter(torch.ones(vocab_size))
 
-    def forward(self, x: Tensor, keep: Tensor | None, basis: Tensor) -> Tensor:
-        x = x + self.conv_scale.to(x.dtype) * self.conv(rms_norm(x), keep)
+    def forward(self, x: Tensor, keep: Tensor | None, basis: Tensor, positions: Tensor | None = None) -> Tensor:
+        x = x + self.conv_scale.to(x.dtype) * self.conv(rms_norm(x), keep, positions)
         return x + self.op_scale.to(x.dtype) * self.op(rms_norm(x), basis)
 
     def macs_per_token(self, seq_len: int) -> float:
@@ -93,9 +108,10 @@ class VocabConv(VocabLM):
         self.rounds_list = nn.ModuleList(ConvHop(vocab_size, kernel, fourier_basis, op_width) for _ in range(hops))
         self.register_buffer("basis", word_id_basis(vocab_size, fourier_basis), persistent=False)
 
-    def rounds(self, x: Tensor, keep: Tensor | None) -> Tensor:
+    def rounds(self, x: Tensor, keep: Tensor | None, window: Window | None = None) -> Tensor:
+        positions = None if window is None else window.positions
         for hop in self.rounds_list:
-            x = hop(x, keep, self.basis)
+            x = hop(x, keep, self.basis, positions)
         return x
 
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.gpt import rms_norm
+from models.gpt import Window, rms_norm
 from models.vocab_common import VocabLM, vocab_builder
 
 DEFAULTS = {"rank": 8, "hops": 8, "softcap": 30.0}
@@ -42,10 +42,13 @@ class WordPropagation(nn.Module):
         self.decay_logit = nn.Parameter(torch.tensor(decay_logit))
         self.out = nn.Parameter(torch.tensor(0.1))
 
-    def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, keep: Tensor | None, same_row: Tensor | None = None) -> Tensor:
+        """same_row [B,T,T] (packed windows): only pairs within one row propagate."""
         src = x if keep is None else x * keep
         scores = (x * self.q.to(x.dtype)) @ (src * self.k.to(x.dtype)).transpose(1, 2)  # [B,T,T]
         weights = past_decay(torch.sigmoid(self.decay_logit), x.size(1)).to(x.dtype)
+        if same_row is not None:
+            weights = weights * same_row.to(x.dtype)
         return (scores * weights) @ src * self.out.to(x.dtype)
 
 
@@ -74,8 +77,8 @@ class GraphHop(nn.Module):
         self.propagate_scale = nn.Parameter(torch.ones(1))
         self.interact_scale = nn.Parameter(torch.ones(1))
 
-    def forward(self, x: Tensor, keep: Tensor | None) -> Tensor:
-        x = x + self.propagate_scale.to(x.dtype) * self.propagate(rms_norm(x), keep)
+    def forward(self, x: Tensor, keep: Tensor | None, same_row: Tensor | None = None) -> Tensor:
+        x = x + self.propagate_scale.to(x.dtype) * self.propagate(rms_norm(x), keep, same_row)
         return x + self.interact_scale.to(x.dtype) * self.interact(rms_norm(x))
 
     def macs_per_token(self, seq_len: int) -> float:
@@ -88,9 +91,10 @@ class VocabGraph(VocabLM):
         super().__init__(vocab_size, seq_len, softcap)
         self.rounds_list = nn.ModuleList(GraphHop(vocab_size, rank) for _ in range(hops))
 
-    def rounds(self, x: Tensor, keep: Tensor | None) -> Tensor:
+    def rounds(self, x: Tensor, keep: Tensor | None, window: Window | None = None) -> Tensor:
+        same_row = None if window is None else window.row_ids[:, :, None] == window.row_ids[:, None, :]
         for hop in self.rounds_list:
-            x = hop(x, keep)
+            x = hop(x, keep, same_row)
         return x
 
 

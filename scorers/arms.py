@@ -1,21 +1,20 @@
 """Channel vs text: the same state carried by the channel (MARS), written into the prompt (TEXT), added to
-the residual stream (STEER), or absent (ABLATED), on the same rows; and what writing it as text costs.
+the residual stream (STEER), or absent (ABLATED), on the same prompts; and what writing it as text costs.
 
-Per capability and primary metric: each arm's success rate (Clopper-Pearson 95% CI; an arm with no rows
-for a capability, e.g. STEER on selection, has n 0 and no rate), the paired difference for each arm pair
-(seeded paired-bootstrap 95% CI over the units both arms answered, and the exact McNemar p on its
-discordant units, so STEER vs ABLATED and MARS vs STEER get the test MARS vs ABLATED gets), and
-per arm the mean prompt / response tokens; `text_extra_prompt_tokens` is the mean, over rows both
-arms answered, of TEXT's prompt tokens minus MARS's.
+Per capability and primary metric, on per-prompt units (`scorers.outcomes`): each arm's mean value (the
+dominant / follows-the-channel rate, or for register prompts the net direction = (wins - losses) / prompts,
+so a tie never counts as a loss) with a 95% bootstrap interval over prompts; for each arm pair the mean
+per-prompt difference (bootstrap 95% CI over prompts) and the two-sided sign test on the prompts where the
+two arms differ. Per arm the mean prompt / response tokens; `text_extra_prompt_tokens` is the mean, over
+rows both arms answered, of TEXT's prompt tokens minus MARS's.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from scorers.outcomes import paired, turn_of, unit_scores
-from scorers.persistence import PRIMARY_METRIC
-from scorers.stats import bootstrap_mean_ci, clopper_pearson, mcnemar_exact
+from scorers.outcomes import PRIMARY_METRIC, paired, prompt_units, row_count, turn_of
+from scorers.stats import bootstrap_mean_ci, sign_counts, sign_test_two_sided
 
 
 def _mean(values: list[float]) -> float | None:
@@ -41,30 +40,31 @@ def _tokens(records: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
     return out
 
 
+def compare_arms(units: dict[str, dict[str, float]], a: str, b: str, boot: dict[str, int]) -> dict[str, Any]:
+    """Mean per-prompt difference a - b, its bootstrap CI over prompts, the two-sided sign test."""
+    _, diffs = paired(units, a, b)
+    wins, losses = sign_counts(diffs)
+    return {"n": len(diffs), "delta": _mean(diffs), "ci95": bootstrap_mean_ci(diffs, **boot),
+            "discordant": [wins, losses], "p": sign_test_two_sided(wins, losses) if diffs else None}
+
+
 def score_arms(records: list[dict[str, Any]], groups: list[tuple[str, str]], arms: list[str],
                pairs: list[tuple[str, str]], seed: int, resamples: int) -> list[dict[str, Any]]:
-    """One row per (capability, kind): success per arm, paired deltas with CIs, token costs (turn 0)."""
+    """One row per (capability, kind): each arm's mean per-prompt value, paired deltas with CIs, token costs."""
     first = [r for r in records if turn_of(r) == 0]
+    boot = {"seed": seed, "resamples": resamples}
     out = []
     for cap, kind in groups:
         metric = PRIMARY_METRIC[kind]
-        scores = unit_scores(first, cap, metric)
+        units = prompt_units(first, cap, metric)
         per_arm = {}
         for arm in arms:
-            values = list(scores.get(arm, {}).values())
-            k, n = sum(bool(v) for v in values), len(values)
-            per_arm[arm] = {"n": n, "successes": k, "rate": k / n if n else None,
-                            "ci95": list(clopper_pearson(k, n)) if n else None}
-        deltas = {}
-        for a, b in pairs:
-            _, xa, xb = paired(scores, a, b)
-            diffs = [float(x) - float(y) for x, y in zip(xa, xb, strict=True)]
-            only_a, only_b = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-            deltas[f"{a}-{b}"] = {"n": len(diffs), "delta": _mean(diffs),
-                                  "ci95": bootstrap_mean_ci(diffs, seed=seed, resamples=resamples),
-                                  "discordant": [only_a, only_b],
-                                  "p": mcnemar_exact(only_a, only_b) if diffs else None}
+            values = list(units.get(arm, {}).values())
+            per_arm[arm] = {"prompts": len(values), "rows": row_count(first, cap, kind, arm), "rate": _mean(values),
+                            "ci95": bootstrap_mean_ci(values, **boot)}
+        deltas = {f"{a}-{b}": compare_arms(units, a, b, boot) for a, b in pairs}
         recs = [r for r in first if r["capability"] == cap and r["kind"] == kind]
-        out.append({"capability": cap, "kind": kind, "metric": metric, "arms": per_arm, "deltas": deltas,
-                    "tokens": _tokens(recs, arms)})
+        out.append({"capability": cap, "kind": kind, "metric": metric,
+                    "value": "net direction" if kind == "register" else f"{metric} rate",
+                    "arms": per_arm, "deltas": deltas, "tokens": _tokens(recs, arms)})
     return out

@@ -12,6 +12,9 @@
 - subspace_eigvals: the top eigenvalues of M_pos - M_base (subspace method): a clear gap means one
   dominant direction, a flat spectrum a shared multi-dimensional subspace.
 - method_agreement: cosine of each extracted method's vector with the readout method's.
+
+`quality_section` renders the report (quality.json) as the Markdown section of report.md / report.html,
+every number exactly as stored.
 """
 
 from __future__ import annotations
@@ -103,3 +106,55 @@ def quality_report(concepts: list[str], layers: list[int], method: str,
         per_layer[str(layer)] = report
     return {"concepts": list(concepts), "layers": list(layers), "method": method, "methods": sorted(vectors),
             "ridge_lambda": lam, "redundant_r2": redundant_r2, "redundant": redundant, "per_layer": per_layer}
+
+
+# ---- the report section -------------------------------------------------------------------------------
+def _cell(value: Any) -> str:
+    """A stored number exactly as quality.json holds it (already rounded to 6 decimals), or a dash."""
+    return "–" if value is None else str(value)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def quality_section(quality: dict[str, Any], nearest: int = 2, eigvals: int = 5) -> list[str]:
+    """quality.json (`quality_report`) as report Markdown lines: a heading, how to read it, and per layer and
+    concept the diagnostics table, the method agreement table and the subspace spectrum (when recorded)."""
+    method, methods, cut = quality["method"], quality["methods"], quality["redundant_r2"]
+    diagnostics, agreement, spectra = [], [], []
+    for layer in quality["layers"]:
+        for concept in quality["concepts"]:
+            e = quality["per_layer"][str(layer)][concept]
+            align = e.get("alignment") or {}
+            outliers = (", ".join(str(i) for i in align["outliers"]) or "none") if align else "–"
+            peers = ", ".join(f"{n['concept']} {_cell(n['cosine'])}" for n in e["nearest"][:nearest])
+            explained = ", ".join(f"{c} {_cell(b)}" for c, b in list(e["ridge"]["coefficients"].items())[:nearest])
+            diagnostics.append([str(layer), concept, _cell(e.get("first_pc_variance_ratio")), _cell(align.get("mean")),
+                                _cell(align.get("min")), outliers, peers or "–", _cell(e["ridge"]["r2"]),
+                                explained or "–", "**yes**" if e["ridge"]["redundant"] else "no"])
+            agreement.append([str(layer), concept, *(_cell(e["method_agreement"].get(m)) for m in methods)])
+            if "subspace_eigvals" in e:
+                spectra.append([str(layer), concept, ", ".join(_cell(v) for v in e["subspace_eigvals"][:eigvals])])
+    flagged = "; ".join(f"**{r['concept']}** at layer {r['layer']} (R² {_cell(r['r2'])})" for r in quality["redundant"])
+    verdict = (f"Redundant (ridge R² above {_cell(cut)}): {flagged}." if flagged
+               else f"No concept is redundant (every ridge R² is at most {_cell(cut)}).")
+    lines = ["## Concept vector quality", "",
+             f"How far to trust each concept vector (readout method `{method}`), per layer. *First-PC ratio*: "
+             "share of the paired differences' energy on their first principal direction (near 1: every pair "
+             "moves the same way; near 1/pairs: no shared direction). *Alignment*: cosine of each pair's difference "
+             "with the vector, mean and minimum; *outlier pairs* (by index) sit far below the rest or point the "
+             "wrong way: rewrite them. *Nearest*: the other concepts by cosine. *Ridge R²*: how much of the vector "
+             f"the other concepts' vectors explain (ridge, lambda {_cell(quality['ridge_lambda'])}), with the "
+             f"largest coefficients; above {_cell(cut)} the concept is redundant: merge it or write more "
+             "discriminative pairs. A dash: not computed (unpaired texts).", "", verdict, "",
+             *_md_table(["layer", "concept", "first-PC ratio", "alignment mean", "alignment min", "outlier pairs",
+                         "nearest (cosine)", "ridge R²", "explained by (coefficient)", "redundant"], diagnostics), "",
+             f"Agreement of every extracted method with `{method}`: cosine of the two vectors (1: the same "
+             "direction; near 0: the methods disagree, so the concept is not one clean direction).", "",
+             *_md_table(["layer", "concept", *(f"`{m}`" for m in methods)], agreement), ""]
+    if spectra:
+        lines += [f"Top {eigvals} eigenvalues of M_pos - M_base (subspace method): a clear drop after the first "
+                  "means one dominant direction, a flat run a shared multi-dimensional subspace.", "",
+                  *_md_table(["layer", "concept", "eigenvalues"], spectra), ""]
+    return lines

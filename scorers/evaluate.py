@@ -6,11 +6,18 @@ paired on the same rows: ``mars`` (real channel) against ``ablated`` (channel ze
 arm (``text``: the state written into the prompt; ``steer``: the state added to the residual stream,
 which covers only affect / time / ethics rows) is scored alongside, on the rows it has.
 
-- selection: `dominant` per row; paired exact McNemar on rows present in both arms.
+These per-capability tables describe; the pre-registered hypotheses (`scorers.hypotheses`) decide. The
+prompt is the unit of every test (docs/methods.md):
+- selection: `dominant` per row; the row table of MARS vs ABLATED (both / only one / neither) is shown,
+  the p is the one-sided sign test on per-prompt differences of the dominant rate (each prompt has three
+  rows, so rows are not independent units).
 - register: per arm and prompt, the + and - responses; directional wins / losses / ties, reliability
   (% wins), mean lexicon gap (and VADER gap for affect), one-sided sign test on wins vs losses.
-- conflict: per arm, rows whose response follows the channel pole (nonzero score of that sign);
-  one-sided binomial test against 0.5.
+- conflict: per arm, rows whose response follows the channel pole (nonzero score of that sign); the
+  p is the one-sided t-test of per-prompt rates against 0.5 (two rows per prompt); pair level, the share
+  of prompts whose two rows both follow the channel (Clopper-Pearson), and for each arm but ABLATED the
+  one-sided sign test of that arm over ABLATED on those per-prompt pair outcomes. The reference systems
+  quote pair rates against chance 1/4; that is not a valid null (docs/methods.md), so no p is given for it.
 
 Each capability's block carries flat headline numbers first (for lineage metrics), then the tables.
 Everything is plain JSON types with a fixed key order.
@@ -28,13 +35,13 @@ from typing import Any
 from scorers.arms import mean_tokens, score_arms
 from scorers.hypotheses import evaluate_hypotheses
 from scorers.markdown import format_markdown
-from scorers.outcomes import turn_of
+from scorers.outcomes import paired, prompt_units, turn_of
 from scorers.persistence import score_persistence
 from scorers.register import follows_pole, register_gap, vader_compound
 from scorers.relief import score_relief
 from scorers.selection import dominant
 from scorers.similarity import score_similarity
-from scorers.stats import binom_test, clopper_pearson, mcnemar_exact, sign_test
+from scorers.stats import clopper_pearson, rate_interval, sign_counts, sign_test, t_test_greater
 from tinymars.domain import CAPABILITIES
 
 __all__ = ["CAPABILITY_ORDER", "DEFAULT_SETTINGS", "format_markdown", "score_all", "score_generations"]
@@ -90,19 +97,30 @@ def score_selection(records: list[dict[str, Any]], alpha: float) -> dict[str, An
     n = len(paired)
     mars_rate = _rate(table["both"] + table["mars_only"], n)
     abl_rate = _rate(table["both"] + table["ablated_only"], n)
-    p = mcnemar_exact(table["mars_only"], table["ablated_only"])
+    cap = records[0]["capability"] if records else ""
+    _, diffs = _prompt_diffs(records, cap, "dominant")
+    wins, losses = sign_counts(diffs)
+    p = sign_test(wins, losses)
     return {
         "kind": "selection",
         "n": n,
+        "prompts": len(diffs),
         "mars_dominant_rate": mars_rate,
         "ablated_dominant_rate": abl_rate,
         "delta_pp": None if n == 0 else 100.0 * (mars_rate - abl_rate),
+        "prompts_mars_better": wins,
+        "prompts_ablated_better": losses,
         "p": p,
-        "significant": bool(p < alpha and table["mars_only"] > table["ablated_only"]),
+        "significant": bool(p < alpha),
         "unpaired_rows": len(rows) - n,
         "mcnemar": table,
         "arms": per_arm,
     }
+
+
+def _prompt_diffs(records: list[dict[str, Any]], capability: str, metric: str) -> tuple[list[str], list[float]]:
+    """Per-prompt MARS minus ABLATED differences of a metric (turn-0 records of one capability)."""
+    return paired(prompt_units(records, capability, metric), "mars", "ablated")
 
 
 def _register_arm(pairs: list[tuple[str, str]], capability: str) -> dict[str, Any]:
@@ -156,6 +174,8 @@ def score_conflict(records: list[dict[str, Any]], capability: str, alpha: float)
     """Per arm: how often the response takes the channel's pole over the pole the prompt text asserts."""
     _index(records, ("row_id", "arm"))
     arms = _arm_order({r["arm"] for r in records})
+    rates = prompt_units(records, capability, "conflict")
+    pairs = prompt_units(records, capability, "conflict_pair")
     per_arm = {}
     for arm in arms:
         recs = sorted((r for r in records if r["arm"] == arm), key=lambda r: r["row_id"])
@@ -163,19 +183,30 @@ def score_conflict(records: list[dict[str, Any]], capability: str, alpha: float)
         k_text = sum(
             follows_pole(r["response"], capability, r["text_pole"]) for r in recs if r.get("text_pole")
         )
+        prompt_rates = list(rates.get(arm, {}).values())
+        decided = list(pairs.get(arm, {}).values())
+        wins, losses = sign_counts(paired(pairs, arm, "ablated")[1]) if arm != "ablated" else (0, 0)
         per_arm[arm] = {
             "n": len(recs),
+            "prompts": len(prompt_rates),
             "follows_channel": k,
             "follows_text": k_text,
             "rate": _rate(k, len(recs)),
-            "ci95": _ci(k, len(recs)),
-            "p": binom_test(k, len(recs), 0.5, alternative="greater"),
+            "ci95": rate_interval(prompt_rates),
+            "p": t_test_greater(prompt_rates, 0.5),
+            "pairs": len(decided),
+            "channel_decides": int(sum(decided)),
+            "pair_rate": _rate(int(sum(decided)), len(decided)),
+            "pair_ci95": _ci(int(sum(decided)), len(decided)),
+            "pair_p": sign_test(wins, losses) if arm != "ablated" else None,
         }
     mars = per_arm.get("mars", {})
     return {
         "n": mars.get("n", 0),
         "rate": mars.get("rate"),
         "p": mars.get("p", 1.0),
+        "pair_rate": mars.get("pair_rate"),
+        "pair_p": mars.get("pair_p") if mars.get("pair_p") is not None else 1.0,
         "significant": bool(mars.get("p", 1.0) < alpha),
         "arms": per_arm,
     }
@@ -207,7 +238,8 @@ def score_generations(records: list[dict[str, Any]], alpha: float = 0.01) -> dic
         if kinds.get("conflict"):
             conflict = score_conflict(kinds["conflict"], cap, alpha)
             block.update(
-                {"conflict_n": conflict["n"], "conflict_rate": conflict["rate"], "conflict_p": conflict["p"]}
+                {"conflict_n": conflict["n"], "conflict_rate": conflict["rate"], "conflict_p": conflict["p"],
+                 "conflict_pair_rate": conflict["pair_rate"], "conflict_pair_p": conflict["pair_p"]}
             )
             block["conflict"] = conflict
         block["alpha"] = alpha
@@ -249,7 +281,7 @@ def score_all(records: list[dict[str, Any]], settings: dict[str, Any] | None = N
     capabilities = score_generations(records, alpha=cfg["alpha"])
     kinds = {(r["capability"], r["kind"]) for r in first}
     groups = [(cap, kind) for cap in capabilities for kind in KINDS if (cap, kind) in kinds]
-    arms = _arm_order({r["arm"] for r in records})
+    arms = _arm_order({r["arm"] for r in first})  # mars_cut exists from turn 1 on: persistence shows it
     pairs = [(a, b) for a, b in ARM_PAIRS if a in arms and b in arms]
     boot = {"seed": cfg["bootstrap_seed"], "resamples": cfg["bootstrap_resamples"]}
     return {
@@ -260,7 +292,7 @@ def score_all(records: list[dict[str, Any]], settings: dict[str, Any] | None = N
         "capabilities": capabilities,
         "hypotheses": evaluate_hypotheses(records, cfg["hypotheses"], groups, **boot),
         "channel_vs_text": score_arms(records, groups, arms, pairs, **boot),
-        "persistence": score_persistence(records, groups, arms, cfg["persistence_segments"]),
+        "persistence": score_persistence(records, groups, arms, cfg["persistence_segments"], **boot),
         "similarity": score_similarity(records, list(capabilities), pairs),
         "relief": score_relief(meas.get("relief", {}), meas.get("model")),
         "gates": _gates(meas.get("gates")),
@@ -269,7 +301,7 @@ def score_all(records: list[dict[str, Any]], settings: dict[str, Any] | None = N
     }
 
 
-VERDICT_CODE = {"supported": 1.0, "underpowered": 0.5, "not supported": 0.0}  # a verdict as one number
+VERDICT_CODE = {"supported": 1.0, "inconclusive": 0.5, "not supported": 0.0}  # a verdict as one number
 
 
 def headline_metrics(scores: dict[str, Any]) -> dict[str, float]:

@@ -1,121 +1,149 @@
-"""Verdicts on the hypotheses pre-registered in the profile: supported / not supported / underpowered.
+"""Verdicts on the hypotheses pre-registered in the profile: supported / not supported / inconclusive.
 
-A hypothesis is `{id, capability, metric, arm, beats, alpha}`: "`arm` beats `beats` on `metric`".
-`capability: all` is a family with one member per capability the metric applies to (and that
-has generations); the family's p-values are Holm-corrected, so claiming "every capability" costs
-what it should. The test follows from the metric and from what is beaten:
+A hypothesis is `{id, capability, metric, arm, beats, alpha, min_effect}`: "`arm` beats `beats` (an arm,
+or chance) on `metric`", with the smallest effect worth finding fixed before the run. `capability: all`
+is a family with one member per capability the metric applies to (and that has generations); the
+family's p-values are Holm-corrected. The unit is always the prompt (`scorers.outcomes`), and the test
+follows from the metric and from what is beaten (docs/methods.md has the table and the reasons):
 
-- dominant / directional / conflict beating an arm: exact McNemar on the paired units
-  (two-sided, direction checked).
-- gap / vader_gap beating an arm: one-sided Wilcoxon signed-rank on the paired differences.
-- against chance: dominant, binomial vs 1/3 (one of three items); directional, the sign test
-  (wins vs losses, ties dropped); conflict, binomial vs 1/2; gap / vader_gap, one-sided
-  Wilcoxon signed-rank on the gaps.
+| metric | against chance | against an arm |
+|---|---|---|
+| dominant, conflict | one-sided t-test of per-prompt rates vs chance (1/3, 1/2) | sign test on per-prompt differences |
+| conflict_pair | (none: no valid chance level) | sign test on per-prompt differences |
+| directional | sign test on per-prompt signs (+1/0/-1) | sign test on per-prompt sign differences |
+| gap, vader_gap | Wilcoxon signed-rank on per-prompt gaps | Wilcoxon signed-rank on per-prompt differences |
 
-Effects come with a 95% interval: a paired bootstrap of the mean difference (arm comparisons and
-gaps), Clopper-Pearson for a rate against chance.
+Every test is one-sided in the claimed direction. Each member reports its effect on the test's own
+scale with a 95% interval (Clopper-Pearson for shares and binomial rates, the t interval for per-prompt
+rates, a seeded bootstrap over prompts for d_z), and the number of units the test needs for 80% power
+at the pre-registered minimal effect, at the family's strictest Holm level alpha / m — computed from the
+design, never from the observed effect.
 
-A member's verdict: `supported` when its Holm-adjusted p < alpha and the effect has the claimed
-direction; `underpowered` when the effect has the claimed direction (or there are no units at all)
-but fewer units were observed than an exact test needs for 80% power at the observed effect, at
-the family's strictest Holm level alpha / m; otherwise `not supported`. A family is supported when
-every member is, not supported when any member is not, underpowered otherwise.
+A member's verdict: `supported` when its Holm-adjusted p < alpha; otherwise `not supported` when the
+interval's upper bound lies below the minimal effect or the test had at least the units it needed for
+80% power; otherwise `inconclusive`. A family is supported when every member is, not supported when
+any member is not, inconclusive otherwise.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from scorers.outcomes import BINARY_METRICS, METRIC_KIND, applies, paired, unit_scores
+import numpy as np
+
+from scorers.outcomes import MAGNITUDE_METRICS, METRIC_KIND, applies, paired, prompt_units
 from scorers.stats import (
-    binom_test,
     binomial_n_for_power,
-    bootstrap_mean_ci,
+    bootstrap_ci,
     clopper_pearson,
     holm,
-    mcnemar_exact,
+    rate_interval,
+    rowwise_dz,
+    sign_counts,
     sign_test,
-    wilcoxon_n_for_power,
+    signed_rank_n_for_power,
+    standardized_mean,
+    t_n_for_power,
+    t_test_greater,
     wilcoxon_signed_rank,
 )
+from tinymars.domain import CHANCE, CHANCE_UNDEFINED, MIN_EFFECT_DEFAULT, effect_scale
 
-CHANCE = {"dominant": 1.0 / 3.0, "conflict": 0.5, "directional": 0.5}
 POWER = 0.8
-VERDICTS = ("supported", "not supported", "underpowered")
+VERDICTS = ("supported", "not supported", "inconclusive")
 
 
-def _scale(units_needed: int | None, informative: int, n: int) -> int | None:
-    """Units needed in total when only a fraction of units (discordant, untied) carries information."""
-    if units_needed is None or informative == 0:
-        return None
-    return int(math.ceil(units_needed * n / informative))
+def design_n(metric: str, beats: str, level: float, min_effect: float) -> int | None:
+    """Units the hypothesis's test needs for 80% power at `min_effect`, at test level `level`: fixed by the
+    design (test, alpha / family size, minimal effect) before any data. Units: decided prompts for sign
+    tests, prompts otherwise."""
+    scale = effect_scale(metric, beats)
+    if scale == "share":
+        return binomial_n_for_power(0.5 + min_effect, 0.5, level, POWER)
+    if scale == "dz":
+        return signed_rank_n_for_power(min_effect, level, POWER)
+    p0 = CHANCE[metric]
+    nearest_half = min(max(0.5, p0), p0 + min_effect)  # a per-prompt rate's spread is largest at 1/2
+    return t_n_for_power(min_effect, float(np.sqrt(nearest_half * (1 - nearest_half))), level, POWER)
 
 
-def _vs_arm(scores: dict[str, dict[str, Any]], metric: str, arm: str, other: str, level: float,
-            boot: dict[str, int]) -> dict[str, Any]:
-    units, a, b = paired(scores, arm, other)
-    n = len(units)
-    if metric in BINARY_METRICS:
-        only_a = sum(x and not y for x, y in zip(a, b, strict=True))
-        only_b = sum(y and not x for x, y in zip(a, b, strict=True))
-        diffs = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
-        need = binomial_n_for_power(only_a / (only_a + only_b), 0.5, level, POWER, "two-sided") \
-            if only_a + only_b else None
-        return {"test": "exact McNemar", "n": n, "counts": {f"{arm}_only": only_a, f"{other}_only": only_b},
-                "p": mcnemar_exact(only_a, only_b), "direction_ok": only_a > only_b,
-                "effect": sum(diffs) / n if n else None, "effect_label": f"rate {arm} - {other}",
-                "ci95": bootstrap_mean_ci(diffs, **boot), "n_needed": _scale(need, only_a + only_b, n)}
-    diffs = [float(x) - float(y) for x, y in zip(a, b, strict=True)]
-    mean = sum(diffs) / n if n else None
-    return {"test": "Wilcoxon signed-rank", "n": n, "counts": {}, "p": wilcoxon_signed_rank(diffs, "greater"),
-            "direction_ok": bool(mean is not None and mean > 0), "effect": mean,
-            "effect_label": f"mean {metric} {arm} - {other}", "ci95": bootstrap_mean_ci(diffs, **boot),
-            "n_needed": wilcoxon_n_for_power(diffs, level, POWER)}
+def _sign_member(diffs: list[float], null_label: str) -> dict[str, Any]:
+    """Sign test on paired units: of the decided units (difference not 0), the share favouring the claim."""
+    wins, losses = sign_counts(diffs)
+    decided = wins + losses
+    return {"test": "sign test", "unit": "decided prompt", "n": len(diffs), "n_informative": decided,
+            "counts": {"wins": wins, "losses": losses, "ties": len(diffs) - decided},
+            "p": sign_test(wins, losses), "null": 0.5, "effect": wins / decided if decided else None,
+            "effect_label": f"share of decided prompts favouring the claim ({null_label})",
+            "ci95": list(clopper_pearson(wins, decided)) if decided else None}
 
 
-def _vs_chance(values: list[Any], metric: str, level: float, boot: dict[str, int]) -> dict[str, Any]:
-    """`values` are the arm's unit values; for `directional` they are the gaps (the sign test needs ties)."""
-    n = len(values)
-    if metric in ("gap", "vader_gap"):
-        diffs = [float(v) for v in values]
-        mean = sum(diffs) / n if n else None
-        return {"test": "Wilcoxon signed-rank vs 0", "n": n, "counts": {},
-                "p": wilcoxon_signed_rank(diffs, "greater"), "direction_ok": bool(mean is not None and mean > 0),
-                "effect": mean, "effect_label": f"mean {metric}", "ci95": bootstrap_mean_ci(diffs, **boot),
-                "n_needed": wilcoxon_n_for_power(diffs, level, POWER)}
-    if metric == "directional":  # the sign test: ties carry no direction
-        gaps = [float(v) for v in values]
-        wins, losses = sum(g > 0 for g in gaps), sum(g < 0 for g in gaps)
-        decided = wins + losses
-        need = binomial_n_for_power(wins / decided, 0.5, level, POWER) if decided else None
-        return {"test": "sign test", "n": len(gaps), "counts": {"wins": wins, "losses": losses},
-                "p": sign_test(wins, losses), "direction_ok": wins > losses,
-                "effect": wins / decided if decided else None, "effect_label": "wins / (wins + losses)",
-                "ci95": list(clopper_pearson(wins, decided)) if decided else None,
-                "n_needed": _scale(need, decided, len(gaps))}
-    k, p0 = sum(bool(v) for v in values), CHANCE[metric]
-    rate = k / n if n else None
-    return {"test": f"binomial vs {p0:.3g}", "n": n, "counts": {"successes": k}, "p": binom_test(k, n, p0),
-            "direction_ok": bool(rate is not None and rate > p0), "effect": rate, "effect_label": "rate",
-            "ci95": list(clopper_pearson(k, n)) if n else None,
-            "n_needed": binomial_n_for_power(rate, p0, level, POWER) if n else None}
+def _signed_rank_member(values: list[float], label: str, boot: dict[str, int]) -> dict[str, Any]:
+    """Wilcoxon signed-rank on per-prompt values (gaps, or gap differences); effect d_z."""
+    nonzero = sum(v != 0 for v in values)
+    return {"test": "Wilcoxon signed-rank", "unit": "prompt", "n": len(values), "n_informative": len(values),
+            "counts": {"positive": sum(v > 0 for v in values), "negative": sum(v < 0 for v in values),
+                       "zero": len(values) - nonzero},
+            "p": wilcoxon_signed_rank(values, "greater"), "null": 0.0, "effect": standardized_mean(values),
+            "effect_label": f"d_z of {label}", "mean": float(np.mean(values)) if values else None,
+            "ci95": bootstrap_ci(values, rowwise_dz, **boot)}
 
 
-def _member_verdict(m: dict[str, Any], alpha: float) -> str:
-    if m["n"] > 0 and m["p_holm"] < alpha and m["direction_ok"]:
-        return "supported"
-    if m["n"] == 0 or (m["direction_ok"] and m["n_needed"] is not None and m["n"] < m["n_needed"]):
-        return "underpowered"
-    return "not supported"
+def _rate_member(values: list[float], metric: str) -> dict[str, Any]:
+    """A rate against chance: dominant and conflict average several rows per prompt, so the test is the
+    one-sided t-test on the per-prompt rates (cluster-aware)."""
+    p0, n = CHANCE[metric], len(values)
+    return {"test": f"one-sided t-test of per-prompt rates vs {p0:.3g}", "unit": "prompt", "n": n,
+            "n_informative": n, "counts": {}, "p": t_test_greater(values, p0), "null": p0,
+            "effect": float(np.mean(values)) if n else None, "effect_label": f"mean per-prompt {metric} rate",
+            "ci95": rate_interval(values)}
 
 
-def _family_verdict(verdicts: list[str]) -> str:
+def member_test(records: list[dict[str, Any]], hypothesis: dict[str, Any], capability: str, level: float,
+                boot: dict[str, int]) -> dict[str, Any]:
+    """One capability's test of a hypothesis, at the family's strictest Holm level `level` (for power)."""
+    metric, arm, beats = hypothesis["metric"], hypothesis["arm"], hypothesis["beats"]
+    scale = effect_scale(metric, beats)
+    min_effect = hypothesis.get("min_effect") or MIN_EFFECT_DEFAULT[scale]
+    units = prompt_units(records, capability, metric)
+    if beats == "chance" and metric in CHANCE_UNDEFINED:
+        raise ValueError(f"hypothesis {hypothesis['id']}: {metric} has no valid chance level; compare it with an arm")
+    if beats == "chance":
+        values = list(units.get(arm, {}).values())
+        if metric in MAGNITUDE_METRICS:
+            test = _signed_rank_member(values, f"{arm} {metric}", boot)
+        elif metric == "directional":
+            test = _sign_member(values, f"{arm}: + response reads more like +")
+        else:
+            test = _rate_member(values, metric)
+    else:
+        _, diffs = paired(units, arm, beats)
+        if metric in MAGNITUDE_METRICS:
+            test = _signed_rank_member(diffs, f"{metric} {arm} - {beats}", boot)
+        else:
+            test = _sign_member(diffs, f"{arm} over {beats}")
+    return {"capability": capability, **test, "scale": scale, "min_effect": min_effect,
+            "threshold": test["null"] + min_effect, "n_needed": design_n(metric, beats, level, min_effect)}
+
+
+def member_verdict(m: dict[str, Any], alpha: float) -> tuple[str, str]:
+    """(verdict, reason) of one member from its Holm-adjusted p, its interval and its a-priori n."""
+    if m["n"] > 0 and m["p_holm"] < alpha:
+        return "supported", f"Holm p < {alpha:g}"
+    if m["ci95"] is not None and m["ci95"][1] < m["threshold"]:
+        return "not supported", "95% interval excludes the minimal effect"
+    if m["n_needed"] is not None and m["n_informative"] >= m["n_needed"]:
+        return "not supported", "powered for the minimal effect, not significant"
+    return "inconclusive", "not significant, too few units to rule out the minimal effect"
+
+
+def family_verdict(verdicts: list[str]) -> str:
+    """Every member supported: supported; any member not supported: not supported; else inconclusive."""
     if verdicts and all(v == "supported" for v in verdicts):
         return "supported"
     if "not supported" in verdicts:
         return "not supported"
-    return "underpowered"
+    return "inconclusive"
 
 
 def family_members(hypothesis: dict[str, Any], available: list[tuple[str, str]]) -> list[str]:
@@ -135,31 +163,46 @@ def evaluate_hypothesis(records: list[dict[str, Any]], hypothesis: dict[str, Any
                         available: list[tuple[str, str]], boot: dict[str, int]) -> dict[str, Any]:
     """One pre-registered hypothesis: its members' tests, Holm-adjusted, and the verdicts."""
     h = {k: hypothesis[k] for k in ("id", "capability", "metric", "arm", "beats", "alpha")}
+    h["min_effect"] = hypothesis.get("min_effect")
     if h["metric"] not in METRIC_KIND:
         raise ValueError(f"hypothesis {h['id']}: unknown metric {h['metric']!r}; known: {', '.join(METRIC_KIND)}")
     caps = family_members(h, available)
     level = h["alpha"] / max(1, len(caps))
-    members = []
-    for cap in caps:
-        if h["beats"] == "chance":
-            metric = "gap" if h["metric"] == "directional" else h["metric"]
-            values = list(unit_scores(records, cap, metric).get(h["arm"], {}).values())
-            test = _vs_chance(values, h["metric"], level, boot)
-        else:
-            test = _vs_arm(unit_scores(records, cap, h["metric"]), h["metric"], h["arm"], h["beats"], level, boot)
-        members.append({"capability": cap, **test})
+    members = [member_test(records, h, cap, level, boot) for cap in caps]
     for m, adj in zip(members, holm([m["p"] for m in members]), strict=True):
         m["p_holm"] = adj
-        m["verdict"] = _member_verdict(m, h["alpha"])
+        m["verdict"], m["reason"] = member_verdict(m, h["alpha"])
     return {**h, "family_size": len(members), "members": members,
-            "verdict": _family_verdict([m["verdict"] for m in members])}
+            "verdict": family_verdict([m["verdict"] for m in members])}
 
 
 def evaluate_hypotheses(records: list[dict[str, Any]], hypotheses: list[dict[str, Any]],
                         available: list[tuple[str, str]], seed: int, resamples: int) -> list[dict[str, Any]]:
-    """Every pre-registered hypothesis in profile order; ids must be unique."""
+    """Every pre-registered hypothesis in profile order; ids must be unique. Turn-0 records only count."""
     ids = [h["id"] for h in hypotheses]
     if len(set(ids)) != len(ids):
         raise ValueError(f"hypothesis ids must be unique, got {ids}")
     boot = {"seed": seed, "resamples": resamples}
     return [evaluate_hypothesis(records, h, available, boot) for h in hypotheses]
+
+
+def power_plan(hypotheses: list[dict[str, Any]], planned: dict[tuple[str, str], int]) -> list[dict[str, Any]]:
+    """Before the run: per hypothesis member, the units its test needs for 80% power at the minimal effect
+    against the prompts the profile will evaluate. `planned` maps (capability, kind) to held-out prompts.
+
+    A sign test counts decided prompts (ties drop out), so planned prompts are an upper bound for it.
+    """
+    out = []
+    available = [key for key in planned if planned[key] > 0]
+    for h in hypotheses:
+        caps = family_members(h, available)
+        level = h["alpha"] / max(1, len(caps))
+        scale = effect_scale(h["metric"], h["beats"])
+        min_effect = h.get("min_effect") or MIN_EFFECT_DEFAULT[scale]
+        for cap in caps:
+            units = planned[(cap, METRIC_KIND[h["metric"]])]
+            needed = design_n(h["metric"], h["beats"], level, min_effect)
+            out.append({"id": h["id"], "capability": cap, "scale": scale, "min_effect": min_effect,
+                        "level": level, "n_needed": needed, "unit": "decided prompt" if scale == "share" else "prompt",
+                        "planned_prompts": units, "reachable": needed is not None and units >= needed})
+    return out

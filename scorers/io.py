@@ -1,4 +1,4 @@
-"""The eval artifact's files: generations read back and checked (offline re-scoring), JSON written in report order."""
+"""Generate / score artifact files: generations read back and checked (offline re-scoring), JSON in report order."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def read_generations(path: str | Path) -> list[dict[str, Any]]:
     """Records of a generations.jsonl, validated; blank lines are skipped."""
     path = Path(path)
     if not path.is_file():
-        raise GenerationsError(f"{path}: no such file; pass the eval artifact's generations.jsonl")
+        raise GenerationsError(f"{path}: no such file; pass the generate artifact's generations.jsonl")
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):

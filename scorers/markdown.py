@@ -1,14 +1,19 @@
-"""Markdown tables of `score_generations` output, for the report stage (reads only the scores dict)."""
+"""Markdown tables of `score_generations` output, for the report stage (reads only the scores dict).
+
+These tables describe; the verdicts are the pre-registered hypotheses' (docs/methods.md).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 SELECTION_HEADER = (
-    "capability|n|MARS dominant|ABLATED dominant|delta|both|MARS only|ABLATED only|neither|p|verdict"
+    "capability|rows|MARS dominant|ABLATED dominant|delta|both|MARS only|ABLATED only|neither|"
+    "prompts MARS/ABLATED better|p|verdict"
 )
 REGISTER_HEADER = "capability|arm|pairs|wins|losses|ties|reliability|mean gap|VADER gap|p|verdict"
-CONFLICT_HEADER = "capability|arm|n|follows channel|follows text|rate|95% CI|p|verdict"
+CONFLICT_HEADER = ("capability|arm|rows|follows channel|follows text|rate|95% CI|p|"
+                   "prompts|channel decides|pair rate|95% CI|pair p vs ABLATED|verdict")
 
 
 def _num(value: float | None, digits: int, suffix: str = "") -> str:
@@ -43,7 +48,8 @@ def _selection_row(cap: str, b: dict[str, Any]) -> list[Any]:
     t = b["mcnemar"]
     return [cap, b["n"], _pct(b["mars_dominant_rate"]), _pct(b["ablated_dominant_rate"]),
             _num(b["delta_pp"], 1, " pp"), t["both"], t["mars_only"], t["ablated_only"], t["neither"],
-            _p(b["p"]), _verdict(b)]  # fmt: skip
+            f"{b.get('prompts_mars_better', '–')}/{b.get('prompts_ablated_better', '–')}", _p(b["p"]),
+            _verdict(b)]  # fmt: skip
 
 
 def _register_row(cap: str, arm: str, a: dict[str, Any], b: dict[str, Any]) -> list[Any]:
@@ -54,7 +60,8 @@ def _register_row(cap: str, arm: str, a: dict[str, Any], b: dict[str, Any]) -> l
 
 def _conflict_row(cap: str, arm: str, a: dict[str, Any], b: dict[str, Any]) -> list[Any]:
     return [cap, arm, a["n"], a["follows_channel"], a["follows_text"], _pct(a["rate"]), _ci(a["ci95"]),
-            _p(a["p"]), _verdict(b, arm)]  # fmt: skip
+            _p(a["p"]), a.get("pairs", "–"), a.get("channel_decides", "–"), _pct(a.get("pair_rate")),
+            _ci(a.get("pair_ci95")), _p(a.get("pair_p")), _verdict(b, arm)]  # fmt: skip
 
 
 def format_markdown(scores: dict[str, Any]) -> str:
@@ -69,9 +76,12 @@ def format_markdown(scores: dict[str, Any]) -> str:
     note = f" (alpha = {alphas[0]})" if alphas else ""
     parts: list[str] = []
     for title, header, rows in (
-        (f"Selection: dominant, paired exact McNemar{note}", SELECTION_HEADER, sel),
-        (f"Register: directional, one-sided sign test{note}", REGISTER_HEADER, reg),
-        (f"Conflict: response follows the channel, binomial vs 0.5{note}", CONFLICT_HEADER, con),
+        (f"Selection: dominant; rows paired MARS vs ABLATED, one-sided sign test on per-prompt differences{note}",
+         SELECTION_HEADER, sel),
+        (f"Register: directional per prompt, one-sided sign test on wins vs losses{note}", REGISTER_HEADER, reg),
+        (f"Conflict: response follows the channel; rows: t-test of per-prompt rates vs 0.5 (t interval), "
+         f"pairs: both rows of a prompt follow the channel, one-sided sign test over ABLATED on prompts{note}",
+         CONFLICT_HEADER, con),
     ):
         if rows:
             parts += [f"### {title}", "", *_table(header, rows), ""]

@@ -1,21 +1,25 @@
 """Persistence: does the channel's effect hold further into long responses, and in later turns?
 
 - Segments: each turn-0 response is cut into `n` contiguous, equal word spans; the primary metric
-  (dominant / directional / conflict) is scored on each span alone. An effect that only colours the
-  opening words fades across the spans; an empty span scores as a miss.
-- Turns: the same metric on each follow-up turn's response (generated with the arm's channel still
-  set, the conversation so far in the prompt).
+  (dominant / directional / conflict) is scored on each span alone, per prompt. An effect that only
+  colours the opening words fades across the spans; an empty span scores as a miss (a tie for register).
+- Turns: the same metric on each follow-up turn's response (the conversation so far in the prompt).
+- Carry-over, the test: at turn k >= 1 MARS keeps its channel set, and the `mars_cut` arm answers the
+  *same* conversation (MARS's own turn 0) with the channel zeroed. Both see identical text, so their
+  per-prompt difference is what the channel still adds at turn k, not what copying the conversation
+  carries. One-sided sign test on the per-prompt differences (MARS over MARS_CUT), mean difference with a
+  bootstrap 95% CI over prompts.
 
-Rates per arm, side by side; MARS minus ABLATED per span / turn is the persistence curve.
+Values are per-prompt means (`scorers.outcomes.prompt_units`): a rate, or for register the net direction.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from scorers.outcomes import turn_of, unit_scores
-
-PRIMARY_METRIC = {"selection": "dominant", "register": "directional", "conflict": "conflict"}
+from scorers.outcomes import PRIMARY_METRIC, paired, prompt_units, turn_of
+from scorers.stats import bootstrap_mean_ci, sign_counts, sign_test
+from tinymars.domain import CUT_ARM  # models.eval_arms: MARS's turn 0, then the channel zeroed from turn 1 on
 
 
 def split_segments(text: str, n: int) -> list[str]:
@@ -27,10 +31,8 @@ def split_segments(text: str, n: int) -> list[str]:
     return [" ".join(words[bounds[i]:bounds[i + 1]]) for i in range(n)]
 
 
-def _rates(records: list[dict[str, Any]], capability: str, metric: str) -> dict[str, tuple[int, int]]:
-    """{arm: (successes, units)} of one metric on turn-0-shaped records."""
-    return {arm: (sum(bool(v) for v in units.values()), len(units))
-            for arm, units in unit_scores(records, capability, metric).items()}
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def _rows(groups: list[tuple[str, str]], arms: list[str], slices: list[list[dict[str, Any]]],
@@ -38,26 +40,45 @@ def _rows(groups: list[tuple[str, str]], arms: list[str], slices: list[list[dict
     out = []
     for cap, kind in groups:
         metric = PRIMARY_METRIC[kind]
-        per_slice = [_rates([r for r in recs if r["capability"] == cap and r["kind"] == kind], cap, metric)
-                     for recs in slices]
+        per_slice = [prompt_units(recs, cap, metric) for recs in slices]
         for arm in arms:
-            counts = [s.get(arm, (0, 0)) for s in per_slice]
-            if not any(n for _, n in counts):
+            values = [list(s.get(arm, {}).values()) for s in per_slice]
+            if not any(values):
                 continue
             out.append({"capability": cap, "kind": kind, "metric": metric, "arm": arm, "unit": what,
-                        "n": [n for _, n in counts], "successes": [k for k, _ in counts],
-                        "rates": [k / n if n else None for k, n in counts]})
+                        "n": [len(v) for v in values], "rates": [_mean(v) for v in values]})
+    return out
+
+
+def _carry(groups: list[tuple[str, str]], turns: list[int], by_turn: list[list[dict[str, Any]]],
+           boot: dict[str, int]) -> list[dict[str, Any]]:
+    out = []
+    for cap, kind in groups:
+        metric = PRIMARY_METRIC[kind]
+        for turn, recs in zip(turns, by_turn, strict=True):
+            units = prompt_units(recs, cap, metric)
+            if turn == 0 or CUT_ARM not in units or "mars" not in units:
+                continue
+            _, diffs = paired(units, "mars", CUT_ARM)
+            wins, losses = sign_counts(diffs)
+            out.append({"capability": cap, "kind": kind, "metric": metric, "turn": turn, "n": len(diffs),
+                        "mars": _mean([units["mars"][p] for p in units["mars"] if p in units[CUT_ARM]]),
+                        CUT_ARM: _mean([units[CUT_ARM][p] for p in units[CUT_ARM] if p in units["mars"]]),
+                        "delta": _mean(diffs), "ci95": bootstrap_mean_ci(diffs, **boot),
+                        "wins": wins, "losses": losses, "p": sign_test(wins, losses)})
     return out
 
 
 def score_persistence(records: list[dict[str, Any]], groups: list[tuple[str, str]], arms: list[str],
-                      n_segments: int) -> dict[str, Any]:
-    """Primary-metric rates per response segment (turn 0) and per turn, per capability and arm."""
+                      n_segments: int, seed: int = 0, resamples: int = 2000) -> dict[str, Any]:
+    """Primary-metric values per response segment (turn 0) and per turn, and the carry-over test per turn."""
     first = [r for r in records if turn_of(r) == 0]
     segments = [[{**r, "response": split_segments(r["response"], n_segments)[k]} for r in first]
                 for k in range(n_segments)]
     turns = sorted({turn_of(r) for r in records})
     by_turn = [[{**r, "turn": 0} for r in records if turn_of(r) == t] for t in turns]
+    turn_arms = [*arms, CUT_ARM] if any(r["arm"] == CUT_ARM for r in records) else arms
     return {"n_segments": n_segments, "turns": turns,
             "segments": _rows(groups, arms, segments, "segment"),
-            "by_turn": _rows(groups, arms, by_turn, "turn") if len(turns) > 1 else []}
+            "by_turn": _rows(groups, turn_arms, by_turn, "turn") if len(turns) > 1 else [],
+            "carry": _carry(groups, turns, by_turn, {"seed": seed, "resamples": resamples})}

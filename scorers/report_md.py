@@ -10,7 +10,7 @@ from typing import Any
 
 from scorers.markdown import format_markdown
 
-VERDICT_MARK = {"supported": "**supported**", "not supported": "not supported", "underpowered": "_underpowered_"}
+VERDICT_MARK = {"supported": "**supported**", "not supported": "not supported", "inconclusive": "_inconclusive_"}
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -43,32 +43,46 @@ def _claim(h: dict[str, Any]) -> str:
 
 
 def _effect(m: dict[str, Any]) -> str:
+    """The effect on its test's scale with its 95% interval: shares and rates in %, d_z as a number."""
     if m["effect"] is None:
         return "–"
-    rate_like = m["effect_label"].startswith(("rate", "wins"))
-    value = f"{100 * m['effect']:+.1f} pp" if m["effect_label"].startswith("rate ") else \
-        (_pct(m["effect"]) if rate_like else f"{m['effect']:+.3f}")
-    return value + _interval(m["ci95"], rate_like)
+    pct = m["scale"] != "dz"
+    return (_pct(m["effect"]) if pct else f"{m['effect']:+.3f}") + _interval(m["ci95"], pct)
+
+
+def _threshold(m: dict[str, Any]) -> str:
+    return _pct(m["threshold"]) if m["scale"] != "dz" else f"{m['threshold']:+.2f}"
+
+
+def _units(m: dict[str, Any]) -> str:
+    if m["n_informative"] == m["n"]:
+        return f"{m['n']} {m['unit']}s"
+    return f"{m['n_informative']} of {m['n']} prompts decided"
 
 
 def hypotheses_section(hypotheses: list[dict[str, Any]]) -> list[str]:
     if not hypotheses:
         return ["## Hypotheses (pre-registered)", "", "_No hypotheses were pre-registered in this profile._", ""]
     summary = [[h["id"], _claim(h), h["family_size"], VERDICT_MARK[h["verdict"]]] for h in hypotheses]
-    rows = [[h["id"], m["capability"], m["test"], m["n"], f"{_effect(m)} ({m['effect_label']})", _p(m["p"]),
-             _p(m["p_holm"]), "–" if m["n_needed"] is None else m["n_needed"], VERDICT_MARK[m["verdict"]]]
+    rows = [[h["id"], m["capability"], m["test"], _units(m), f"{_effect(m)} ({m['effect_label']})",
+             f"{_threshold(m)} (null {_pct(m['null']) if m['scale'] != 'dz' else '0'})", _p(m["p"]), _p(m["p_holm"]),
+             "–" if m["n_needed"] is None else m["n_needed"], f"{VERDICT_MARK[m['verdict']]}: {m['reason']}"]
             for h in hypotheses for m in h["members"]]
     return ["## Hypotheses (pre-registered)", "",
-            "Each claim was fixed in the profile before the run. A family over several capabilities is "
-            "Holm-corrected; *n for 80% power* is the number of units an exact test needs at the observed "
-            "effect (at alpha / family size).", "",
+            "Each claim, its minimal effect of interest and its alpha were fixed in the profile before the run; "
+            "docs/methods.md gives each test's unit, null and reason. The prompt is the unit (rows of one prompt "
+            "are aggregated first); every test is one-sided in the claimed direction; a family over several "
+            "capabilities is Holm-corrected. *n for 80% power* is fixed by the design: the units the test needs "
+            "to detect the minimal effect at alpha / family size, never computed from the observed effect. "
+            "Supported: Holm p < alpha. Not supported: the 95% interval lies below the minimal effect, or the "
+            "test had the units it needed and was not significant. Inconclusive: neither.", "",
             *_table(["id", "claim", "capabilities", "verdict"], summary), "",
-            *_table(["id", "capability", "test", "n", "effect [95% CI]", "p", "p (Holm)", "n for 80% power",
-                     "verdict"], rows), ""]
+            *_table(["id", "capability", "test", "units", "effect [95% CI]", "minimal effect", "p", "p (Holm)",
+                     "n for 80% power", "verdict"], rows), ""]
 
 
 def _delta(d: dict[str, Any]) -> str:
-    """A paired difference of rates: +x pp [95% CI] and the exact McNemar p (when there were units)."""
+    """A mean per-prompt difference: +x pp [95% CI] and the two-sided sign test p (when there were prompts)."""
     value = "–" if d.get("delta") is None else f"{100 * d['delta']:+.1f} pp"
     return value + _interval(d.get("ci95"), True) + ("" if d.get("p") is None else f" p {_p(d['p'])}")
 
@@ -82,7 +96,7 @@ def channel_vs_text_section(rows: list[dict[str, Any]], arms: list[str]) -> list
         return []
     pairs = list(rows[0]["deltas"])
     header = ["capability", "kind", "metric", *[f"{a} rate [95% CI]" for a in arms],
-              *[f"{p} [95% CI] McNemar p" for p in pairs], *[f"{a} prompt tok" for a in arms]]
+              *[f"{p} [95% CI] sign-test p" for p in pairs], *[f"{a} prompt tok" for a in arms]]
     if "text" in arms:
         header.append("text: extra prompt tok")
     body = []
@@ -96,15 +110,17 @@ def channel_vs_text_section(rows: list[dict[str, Any]], arms: list[str]) -> list
         body.append(line)
     title = "## Channel vs text" if "text" in arms else "## Arms side by side"
     return [title, "",
-            "Success rate of each arm on the same rows (primary metric: dominant / directional / follows the "
-            "channel), paired differences with a seeded paired-bootstrap 95% CI and the exact McNemar p on the "
-            "discordant units, and the prompt tokens each arm spends." + _STEER_NOTE * ("steer" in arms), "",
+            "Each arm's mean per-prompt value on the same prompts (selection: dominant rate; register: net "
+            "direction = (wins - losses) / prompts, so a tie is not a loss; conflict: rate of rows following the "
+            "channel), with a 95% bootstrap interval over prompts; the mean per-prompt difference of each arm pair "
+            "with its bootstrap 95% CI and the two-sided sign test on the prompts where the two arms differ; and "
+            "the prompt tokens each arm spends." + _STEER_NOTE * ("steer" in arms), "",
             *_table(header, body), ""]
 
 
 def steer_section(scores: dict[str, Any]) -> list[str]:
     """STEER next to the other arms on the directional concepts: how it was injected, then per capability
-    the directional rate (sign test p) of every arm, and the paired McNemar p of STEER vs ABLATED and MARS vs STEER."""
+    every arm's value (with its own test's p), and the paired sign tests of STEER vs ABLATED and MARS vs STEER."""
     if "steer" not in scores["arms"]:
         return []
     cfg = scores.get("steer") or {}
@@ -119,34 +135,56 @@ def steer_section(scores: dict[str, Any]) -> list[str]:
         block = scores["capabilities"].get(r["capability"], {})
         tests = block.get("arms", {}) if r["kind"] == "register" else block.get("conflict", {}).get("arms", {})
         cells = [_pct(r["arms"][a]["rate"]) + ("" if a not in tests else f" (p {_p(tests[a]['p'])})") for a in arms]
-        rows.append([r["capability"], r["kind"], r["arms"]["steer"]["n"], *cells,
+        rows.append([r["capability"], r["kind"], r["arms"]["steer"]["prompts"], *cells,
                      *[_delta(r["deltas"].get(k, {})) for k in ("steer-ablated", "mars-steer")]])
     return ["## STEER arm (activation addition)", "",
             "The native model with channels zeroed and the plain prompt (as ABLATED), the row's state added to the "
             "residual stream at every position: multiplier x concept coefficient (the row's place between the "
             f"concept's poles, in [-1, 1]) x mean residual norm x unit direction. Injected at {how}. STEER carries "
             "only the directional concepts (affect, time, ethics); memory / identity / continuity rows get no "
-            "STEER generation. Rate = directional (register) or follows the channel (conflict); p in brackets is "
-            "the per-arm sign test (register) or binomial vs 0.5 (conflict); the last two columns are paired "
-            "differences [95% CI] with the exact McNemar p.", "",
-            *_table(["capability", "kind", "n", *[f"{a} rate" for a in arms], "steer - ablated", "mars - steer"],
+            "STEER generation. Value = net direction (register) or the rate of rows following the channel "
+            "(conflict); p in brackets is the per-arm sign test (register) or the t-test of per-prompt rates vs "
+            "0.5 (conflict); the last two columns are mean per-prompt differences [95% CI] with the two-sided "
+            "sign test p.", "",
+            *_table(["capability", "kind", "prompts", *[f"{a} value" for a in arms], "steer - ablated", "mars - steer"],
                     rows), ""]
+
+
+def _value(metric: str, x: float | None) -> str:
+    """A per-prompt mean: a rate in %, or for `directional` the net direction in [-1, 1]."""
+    if x is None:
+        return "–"
+    return f"{x:+.2f}" if metric == "directional" else _pct(x)
 
 
 def persistence_section(p: dict[str, Any]) -> list[str]:
     if not p["segments"]:
         return []
     n = p["n_segments"]
-    seg = [[r["capability"], r["metric"], r["arm"], r["n"][0], *[_pct(x) for x in r["rates"]]] for r in p["segments"]]
+    seg = [[r["capability"], r["metric"], r["arm"], r["n"][0], *[_value(r["metric"], x) for x in r["rates"]]]
+           for r in p["segments"]]
     out = ["## Persistence", "",
-           f"Primary metric on each of {n} equal word spans of the response (turn 0): an effect that "
-           "holds stays level from the first span to the last.", "",
-           *_table(["capability", "metric", "arm", "n", *[f"span {i + 1}" for i in range(n)]], seg), ""]
+           f"Primary metric on each of {n} equal word spans of the response (turn 0), per prompt (dominant / "
+           "follows-the-channel rates in %, register as net direction): an effect that holds stays level from "
+           "the first span to the last.", "",
+           *_table(["capability", "metric", "arm", "prompts", *[f"span {i + 1}" for i in range(n)]], seg), ""]
     if p["by_turn"]:
-        turns = [[r["capability"], r["metric"], r["arm"], r["n"][0], *[_pct(x) for x in r["rates"]]]
+        turns = [[r["capability"], r["metric"], r["arm"], r["n"][0], *[_value(r["metric"], x) for x in r["rates"]]]
                  for r in p["by_turn"]]
-        out += ["Across follow-up turns (the arm's channel stays set; the conversation so far is in the prompt):",
-                "", *_table(["capability", "metric", "arm", "n", *[f"turn {t}" for t in p["turns"]]], turns), ""]
+        out += ["Across follow-up turns (the conversation so far is in the prompt; `mars_cut` answers MARS's own "
+                "turn-0 conversation with the channel zeroed from turn 1 on):", "",
+                *_table(["capability", "metric", "arm", "prompts", *[f"turn {t}" for t in p["turns"]]], turns), ""]
+    if p.get("carry"):
+        carry = [[r["capability"], r["metric"], r["turn"], r["n"], _value(r["metric"], r["mars"]),
+                  _value(r["metric"], r["mars_cut"]), f"{r['delta']:+.3f}" + _interval(r["ci95"], False)
+                  if r["delta"] is not None else "–", f"{r['wins']}/{r['losses']}", _p(r["p"])]
+                 for r in p["carry"]]
+        out += ["Carry-over: the same conversation with the channel kept (MARS) or cut (MARS_CUT) at that turn. "
+                "The difference is what the channel still adds, not what copying the conversation carries: "
+                "mean per-prompt difference [bootstrap 95% CI], prompts favouring MARS / MARS_CUT, one-sided "
+                "sign test.", "",
+                *_table(["capability", "metric", "turn", "prompts", "mars", "mars_cut", "mars - mars_cut",
+                         "prompts +/-", "p"], carry), ""]
     return out
 
 

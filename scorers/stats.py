@@ -1,26 +1,28 @@
-"""Exact tests used by the eval verdicts; every function returns plain Python floats.
+"""The tests and intervals behind every verdict; every function returns plain Python floats.
 
-All tests are exact binomial tests (scipy.stats.binomtest), so small samples get honest p-values:
-- McNemar (paired MARS vs ABLATED on a binary metric) looks only at the discordant cells b, c:
-  two-sided binomial on min(b, c) of b + c at p = 0.5, identical to the last digit to
-  statsmodels ``mcnemar(table, exact=True)``.
-- The sign test drops ties and asks whether wins beat losses (one-sided).
-- Degenerate inputs (no trials) give p = 1.0: no evidence, never a spurious "significant".
-
-Where magnitudes matter (register gaps) the Wilcoxon signed-rank test is used; intervals of
-paired effects come from a seeded percentile bootstrap; a family of tests (one hypothesis over
-several capabilities) is corrected with Holm; "underpowered" verdicts carry the number of units an
-exact test would need for 80% power at the observed effect.
+docs/methods.md says which test each metric uses and why; this module only computes them:
+- exact binomial tests (scipy.stats.binomtest): the sign test (ties dropped), a rate against chance on
+  independent units, and McNemar on the discordant cells (min(1, 2 P(X <= min(b, c))), identical to
+  statsmodels ``mcnemar(table, exact=True)``);
+- the one-sample t-test and t interval on per-prompt means (the cluster-aware test of a row rate when
+  several rows share a prompt: Miller 2024, "Adding Error Bars to Evals", per-cluster aggregation);
+- the Wilcoxon signed-rank test on paired differences (magnitudes);
+- seeded percentile bootstrap intervals over independent units (prompts), of a mean or any statistic;
+- Holm's step-down correction for a family of tests;
+- a-priori power: the number of units an exact binomial test, a t-test or the signed-rank test needs to
+  reach 80% power at a *pre-registered* effect, never at the observed one.
+Degenerate inputs (no units) give p = 1.0: no evidence, never a spurious "significant".
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import cache
 from typing import Literal
 
 import numpy as np
-from scipy.stats import binom, binomtest, norm, wilcoxon
+from scipy.stats import binom, binomtest, nct, norm, t, ttest_1samp, wilcoxon
 
 Alternative = Literal["two-sided", "greater", "less"]
 
@@ -96,16 +98,7 @@ def bootstrap_mean_ci(values: Sequence[float], seed: int, resamples: int = 2000,
     the same interval there and here (and in every offline re-score). `[low, high]` (a list, as it
     is stored in JSON); None below two units.
     """
-    v = np.asarray(values, dtype=float)
-    if resamples < 1 or not 0.0 < confidence < 1.0:
-        raise ValueError(f"need resamples >= 1 and confidence in (0, 1), got {resamples}, {confidence}")
-    if v.size < 2:
-        return None
-    idx = np.random.default_rng(seed).integers(0, v.size, size=(resamples, v.size))
-    means = v[idx].mean(axis=1)
-    tail = (1.0 - confidence) / 2.0
-    lo, hi = np.percentile(means, [100.0 * tail, 100.0 * (1.0 - tail)])
-    return [float(lo), float(hi)]
+    return bootstrap_ci(values, lambda samples: samples.mean(axis=1), seed, resamples, confidence)
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
@@ -149,6 +142,7 @@ def binomial_power(n: int | np.ndarray, p1: float, p0: float, alpha: float,
     return binom.sf(c - 1, n, p1) + binom.cdf(n - c, n, p1)
 
 
+@cache  # a function of the design alone: one evaluation per distinct design
 def binomial_n_for_power(p1: float, p0: float, alpha: float, power: float = 0.8,
                          alternative: Literal["greater", "two-sided"] = "greater",
                          n_max: int = 100_000) -> int | None:
@@ -164,19 +158,107 @@ def binomial_n_for_power(p1: float, p0: float, alpha: float, power: float = 0.8,
     return int(n[reached[0]]) if reached.size else None
 
 
-def wilcoxon_n_for_power(diffs: Sequence[float], alpha: float, power: float = 0.8) -> int | None:
-    """Noether's (1987) sample size for the one-sided signed-rank test at the observed effect.
-
-    n = (z_{1-alpha} + z_{power})^2 / (3 (p' - 1/2)^2), with p' = P(D + D' > 0) estimated from
-    every pair of distinct observed differences (ties count one half). None when p' <= 1/2.
-    """
+def sign_counts(diffs: Sequence[float]) -> tuple[int, int]:
+    """(wins, losses): units whose paired difference is positive / negative; zeros are ties, dropped."""
     d = np.asarray(diffs, dtype=float)
-    if d.size < 2:
+    return int(np.sum(d > 0)), int(np.sum(d < 0))
+
+
+def sign_test_two_sided(wins: int, losses: int) -> float:
+    """Two-sided sign test (ties excluded by the caller): is either side more frequent than the other?"""
+    wins, losses = _count("wins", wins), _count("losses", losses)
+    return binom_test(min(wins, losses), wins + losses, 0.5, alternative="two-sided") if wins + losses else 1.0
+
+
+def t_test_greater(values: Sequence[float], null: float) -> float:
+    """One-sided one-sample t-test p-value that the mean of `values` exceeds `null` (scipy ttest_1samp).
+
+    Fewer than two units: 1.0. No spread at all: the units agree exactly, so p is 0.0 when they all lie
+    above `null` and 1.0 otherwise (the t statistic is infinite or undefined there).
+    """
+    v = np.asarray(values, dtype=float)
+    if v.size < 2:
+        return 1.0
+    if np.all(v == v[0]):
+        return 0.0 if v[0] > null else 1.0
+    return float(ttest_1samp(v, null, alternative="greater").pvalue)
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> list[float] | None:
+    """Two-sided t interval of a mean over independent units; None below two units."""
+    v = np.asarray(values, dtype=float)
+    if v.size < 2:
         return None
-    i, j = np.triu_indices(d.size, k=1)
-    s = d[i] + d[j]
-    p_prime = float(np.mean(s > 0) + 0.5 * np.mean(s == 0))
-    if p_prime <= 0.5:
+    half = float(t.ppf(0.5 + confidence / 2.0, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+    return [float(v.mean()) - half, float(v.mean()) + half]
+
+
+def rate_interval(rates: Sequence[float], confidence: float = 0.95) -> list[float] | None:
+    """The t interval of a mean of per-prompt rates, cut to [0, 1] where it reaches past either end."""
+    ci = t_interval(rates, confidence)
+    return None if ci is None else [max(0.0, ci[0]), min(1.0, ci[1])]
+
+
+def standardized_mean(values: Sequence[float]) -> float | None:
+    """Cohen's d_z: mean / sample sd of the per-unit values (differences); None without spread."""
+    v = np.asarray(values, dtype=float)
+    if v.size < 2 or float(v.std(ddof=1)) == 0.0:
         return None
+    return float(v.mean() / v.std(ddof=1))
+
+
+def bootstrap_ci(values: Sequence[float], statistic: Callable[[np.ndarray], np.ndarray], seed: int,
+                 resamples: int = 2000, confidence: float = 0.95) -> list[float] | None:
+    """Percentile bootstrap CI of a statistic over independent units (whole prompts are resampled).
+
+    `statistic` maps a [resamples, n] array to [resamples] values (NaN where undefined: those resamples are
+    dropped). `bootstrap_mean_ci` is this with the mean. None below two units or if every resample
+    is undefined.
+    """
+    v = np.asarray(values, dtype=float)
+    if resamples < 1 or not 0.0 < confidence < 1.0:
+        raise ValueError(f"need resamples >= 1 and confidence in (0, 1), got {resamples}, {confidence}")
+    if v.size < 2:
+        return None
+    idx = np.random.default_rng(seed).integers(0, v.size, size=(resamples, v.size))
+    stats = statistic(v[idx])
+    stats = stats[np.isfinite(stats)]
+    if stats.size == 0:
+        return None
+    tail = (1.0 - confidence) / 2.0
+    lo, hi = np.percentile(stats, [100.0 * tail, 100.0 * (1.0 - tail)])
+    return [float(lo), float(hi)]
+
+
+def rowwise_dz(samples: np.ndarray) -> np.ndarray:
+    """d_z of each row of a [resamples, n] array (NaN where a resample has no spread)."""
+    sd = samples.std(axis=1, ddof=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(sd > 0, samples.mean(axis=1) / sd, np.nan)
+
+
+def t_power(n: int, delta: float, sd: float, alpha: float) -> float:
+    """Power of the one-sided one-sample t-test with n units at true mean shift `delta` and spread `sd`."""
+    if n < 2:
+        return 0.0
+    df = n - 1
+    return float(nct.sf(t.ppf(1.0 - alpha, df), df, delta / sd * math.sqrt(n)))
+
+
+@cache
+def t_n_for_power(delta: float, sd: float, alpha: float, power: float = 0.8, n_max: int = 100_000) -> int | None:
+    """Smallest n whose one-sided t-test reaches `power` at a pre-registered shift `delta` (noncentral t)."""
+    if delta <= 0 or sd <= 0 or not 0.0 < alpha < 1.0 or not 0.0 < power < 1.0:
+        raise ValueError(f"bad power inputs delta={delta}, sd={sd}, alpha={alpha}, power={power}")
     z = norm.ppf(1.0 - alpha) + norm.ppf(power)
-    return int(math.ceil(z * z / (3.0 * (p_prime - 0.5) ** 2)))
+    n = max(2, int((z * sd / delta) ** 2))  # the normal approximation undershoots: walk up from it
+    while n <= n_max and t_power(n, delta, sd, alpha) < power:
+        n += 1
+    return n if n <= n_max else None
+
+
+def signed_rank_n_for_power(dz: float, alpha: float, power: float = 0.8) -> int | None:
+    """Units the one-sided signed-rank test needs at a pre-registered d_z: the t-test's n divided by the
+    signed-rank test's asymptotic relative efficiency under normal differences, 3 / pi (Lehmann 1975)."""
+    n_t = t_n_for_power(dz, 1.0, alpha, power)
+    return None if n_t is None else int(math.ceil(n_t * math.pi / 3.0))

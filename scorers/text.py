@@ -46,3 +46,29 @@ def count_phrase(tokens: list[str], phrase: list[str]) -> int:
         else:
             i += 1
     return hits
+
+
+# Words that can sit between two key terms of one mention ("Rex *the* beagle", "Lisbon *with your* sister")
+# without making it a second mention: articles, determiners, possessives, prepositions, "and"/"or".
+FUNCTION_WORDS = frozenset(
+    "a an the this that these those my your his her its our their me him them us "
+    "of in on at to for with from by about into over near and or".split()
+)
+
+
+def clause_tokens(text: str) -> tuple[list[str], list[int]]:
+    """The words of `text` (as `words` gives them) and each word's clause index (as `clauses` groups them)."""
+    tokens: list[str] = []
+    clause_of: list[int] = []
+    for index, part in enumerate(clauses(text)):
+        tokens += part
+        clause_of += [index] * len(part)
+    return tokens, clause_of
+
+
+def phrase_spans(tokens: list[str], phrase: list[str]) -> list[tuple[int, int]]:
+    """Every whole-word occurrence of `phrase` as a half-open [start, end) token span, overlaps included."""
+    k = len(phrase)
+    if k == 0:
+        return []
+    return [(i, i + k) for i in range(len(tokens) - k + 1) if tokens[i : i + k] == phrase]

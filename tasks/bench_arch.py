@@ -39,6 +39,7 @@ def pack_artifact(home: str, content_hash: str) -> Artifact:
 def bench_model_task(profile: Profile, home: str, pack_hash: str, item: str | dict[str, Any], budget_s: float,
                      eval_points: int, out_dir: str) -> dict[str, Any]:
     from models.bench_arch import bench_model, bench_recipe
+    from models.controls import apply_channel_control
     from models.data import load_split
     from models.distributed import resolve_kind
 
@@ -48,6 +49,7 @@ def bench_model_task(profile: Profile, home: str, pack_hash: str, item: str | di
     rows = {split: load_split([pack.file(n) for n in meta["shards"][split]], meta["channel_dim"])
             for split in ("train", "heldout")}
     cfg = bench_recipe(profile.train.recipe().model_copy(update={"device": resolve_kind(profile.train.device)}))
+    rows["train"] = apply_channel_control(rows["train"], cfg)  # the negative control benchmarks as it trains
     log = logger()
     log.info(f"[bench-arch:{name}] {spec['arch']}: {budget_s:g}s of training on {cfg.device}")
     result = bench_model(name, spec, rows["train"], rows["heldout"], meta, cfg, Path(out_dir) / "models" / name,

@@ -1,6 +1,7 @@
 """What every stage task shares: its code version, the cache decision, and the record it hands back.
 
-Caching is ours, not Prefect's: a stage's key is its code version + its profile section + its
+Caching is ours, not Prefect's: a stage's key is its code version (its source files and the versions
+of the libraries that shape its bytes: STAGE_SOURCES, STAGE_LIBRARIES) + its profile section + its
 inputs' content hashes (tinymars.artifacts.stage_key), and a hit is only trusted after the
 files re-hash to their manifest. Prefect's own result cache would return a manifest whose files
 may have changed underneath it, so tasks run with NO_CACHE and decide here.
@@ -8,25 +9,28 @@ may have changed underneath it, so tasks run with NO_CACHE and decide here.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from functools import cache
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 
-from tinymars.artifacts import Artifact, ArtifactStore, code_version, stage_key
+from tinymars.artifacts import Artifact, ArtifactStore, code_version, hash_json, sha256_file, stage_key, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # The source files each stage runs; editing one invalidates that stage (and, through content
-# hashes, whatever its output change reaches downstream).
+# hashes, whatever its output change reaches downstream). generate/score/report: tests/test_stage_split.py
+# checks that every module of ours their task modules import (transitively) is listed here.
 STAGE_SOURCES: dict[str, tuple[str, ...]] = {
-    "corpus": ("corpus/template_teacher.py", "corpus/rows.py", "corpus/encode.py", "corpus/data", "tasks/corpus.py",
-               "scorers/register.py", "scorers/selection.py", "scorers/text.py", "scorers/lexicons.json",
-               "tinymars/domain.py"),
+    "corpus": ("corpus/template_teacher.py", "corpus/rows.py", "corpus/overlap.py", "corpus/encode.py", "corpus/data",
+               "tasks/corpus.py", "scorers/register.py", "scorers/selection.py", "scorers/text.py",
+               "scorers/lexicons.json", "tinymars/domain.py"),
     "channels": ("corpus/channels.py", "corpus/encode.py", "corpus/embed.py", "tasks/channels.py",
                  "tinymars/domain.py"),
     "tokenizer": ("corpus/tokenizer.py", "tasks/tokenizer.py"),
@@ -34,22 +38,134 @@ STAGE_SOURCES: dict[str, tuple[str, ...]] = {
     "train": (
         "models/config.py", "models/gpt.py", "models/architectures.py", "models/data.py", "models/trainer.py",
         "models/adapter.py", "models/checkpoint.py", "models/weights.py", "models/distributed.py", "models/sizing.py",
-        "models/launch.py", "models/train_cli.py", "tasks/train.py",
+        "models/launch.py", "models/train_cli.py", "models/controls.py", "tasks/train.py",
         "models/vocab_common.py", "models/vocab_graph.py", "models/vocab_conv.py", "tinymars/domain.py",
     ),
     "steer": ("corpus/concepts.py", "corpus/encode.py", "corpus/tokenizer.py", "models/activations.py",
               "models/steering.py", "models/adapter.py", "models/checkpoint.py", "models/weights.py",
               "models/config.py", "models/gpt.py", "models/architectures.py", "scorers/concept_quality.py",
               "tasks/steering.py", "tinymars/domain.py"),
-    "eval": ("models", "scorers", "corpus/tokenizer.py", "corpus/encode.py", "corpus/concepts.py", "corpus/rows.py",
-             "corpus/channels.py", "tasks/eval.py", "tinymars/domain.py"),
-    "report": ("scorers", "tasks/report.py", "tasks/report_html.py", "tasks/report_plots.py", "tinymars/domain.py"),
+    # the model side only (scorers/ only for reading and writing rows): a statistics edit re-scores, never regenerates
+    "generate": ("models", "corpus/tokenizer.py", "corpus/encode.py", "corpus/concepts.py", "corpus/rows.py",
+                 "corpus/channels.py", "scorers/io.py", "scorers/register.py", "scorers/selection.py",
+                 "scorers/text.py", "scorers/lexicons.json", "tasks/generate.py", "tinymars/domain.py"),
+    "score": ("scorers", "tasks/score.py", "tinymars/domain.py"),
+    # everything the report renders or calls: the scorers' tables and headline_metrics (scorers/), the
+    # corpus summary (tasks/corpus.py -> corpus/teacher_corpus.py), the plots and the HTML
+    "report": ("scorers", "tasks/report.py", "tasks/report_html.py", "tasks/report_plots.py", "tasks/corpus.py",
+               "corpus/teacher_corpus.py", "corpus/rows.py", "tinymars/domain.py"),
+}
+
+# The libraries whose output a stage's bytes depend on (distribution names as pip knows them): their
+# versions join the stage's code version, so an upgrade rebuilds exactly the stages it may change.
+# EMBEDDER_WEIGHTS is the channels section's embedder, fingerprinted by the sha256 of its local files.
+EMBEDDER_WEIGHTS = "embedder-weights"
+STAGE_LIBRARIES: dict[str, tuple[str, ...]] = {
+    "corpus": ("vaderSentiment",),  # pre-flight scoring decides which targets are kept
+    "channels": ("sentence-transformers", "transformers", "torch", EMBEDDER_WEIGHTS),
+    "tokenizer": ("sentencepiece",),
+    "pack": ("sentencepiece", "pyarrow", "numpy"),
+    "train": ("torch",),
+    "steer": ("torch", "numpy", "sentencepiece"),
+    "generate": ("torch", "sentencepiece"),
+    "score": ("numpy", "scipy", "vaderSentiment"),
+    "report": ("matplotlib", "numpy"),  # the PNGs inside report.html
 }
 
 
 @cache
-def stage_code_version(stage: str) -> str:
+def library_version(distribution: str) -> str:
+    """The installed version of a distribution (tests monkeypatch this to simulate an upgrade)."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def library_versions(stage: str, section: Any = None, home: str | Path | None = None) -> dict[str, str]:
+    """STAGE_LIBRARIES[stage] with their versions (and the embedder's fingerprint, read from `section`)."""
+    out = {}
+    for name in STAGE_LIBRARIES[stage]:
+        if name == EMBEDDER_WEIGHTS:
+            if not isinstance(section, dict) or "embedder" not in section:
+                raise ValueError(f"{stage}: the embedder weights fingerprint needs the channels section")
+            out[name] = embedder_fingerprint(section["embedder"]["model"], home)
+        else:
+            out[name] = library_version(name)
+    return out
+
+
+@cache
+def _source_version(stage: str) -> str:
     return code_version(ROOT / p for p in STAGE_SOURCES[stage])
+
+
+def stage_code_version(stage: str, section: Any = None, home: str | Path | None = None) -> str:
+    """What a stage's key holds besides its section and inputs: its source files and library versions."""
+    return _code_version(stage, library_versions(stage, section, home))
+
+
+def _code_version(stage: str, libraries: dict[str, str]) -> str:
+    return hash_json({"sources": _source_version(stage), "libraries": libraries})[:16]
+
+
+WEIGHTS_SKIP = (".md", ".gitattributes", ".gitignore")  # documentation: cannot change an embedding
+
+
+def embedder_fingerprint(name: str, home: str | Path | None = None) -> str:
+    """sha256 over the embedder's local files (weights, config, tokenizer), or `unresolved:NAME` when they
+    are not on this machine yet (a hub model not downloaded: the build fetches it, and the next run's key
+    names the weights, so the channels stage rebuilds once, to the same bytes). Per-file hashes are cached
+    in HOME/cache/file-sha256.json by (path, size, mtime), so a multi-GB model is read once."""
+    folder = _embedder_folder(name)
+    if folder is None:
+        logger().warning(f"[channels] embedder '{name}' has no local files yet; its key names it, not its weights")
+        return f"unresolved:{name}"
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.endswith(WEIGHTS_SKIP)
+                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    cache_file = Path(home) / "cache" / "file-sha256.json" if home else None
+    known = _read_json(cache_file) if cache_file else {}
+    hashes, changed = {}, False
+    for f in files:
+        real = f.resolve()  # hub snapshots are symlinks into blobs
+        stat = real.stat()
+        stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+        entry = known.get(str(real))
+        if entry is None or entry["stamp"] != stamp:
+            entry = {"stamp": stamp, "sha256": sha256_file(real)}
+            known[str(real)] = entry
+            changed = True
+        hashes[f.relative_to(folder).as_posix()] = entry["sha256"]
+    if cache_file and changed:
+        write_atomic(cache_file, json.dumps(known, indent=0, sort_keys=True))
+    return hash_json(hashes)
+
+
+def _embedder_folder(name: str) -> Path | None:
+    """The local folder a profile's embedder name loads from (corpus.embed.resolve_model), or None."""
+    from corpus.embed import resolve_model
+
+    target = Path(resolve_model(name))
+    if target.is_dir():
+        return target
+    try:
+        from huggingface_hub import snapshot_download
+
+        for repo in (name, f"sentence-transformers/{name}") if "/" not in name else (name,):
+            try:
+                return Path(snapshot_download(repo, local_files_only=True))
+            except Exception:  # not in the local cache (the hub client raises many types)
+                continue
+    except ImportError:
+        pass
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def logger():
@@ -75,7 +191,8 @@ def run_stage(
     label = name or stage
     store = ArtifactStore(Path(home) / "artifacts")
     input_hashes = {k: a.content_hash for k, a in inputs.items()}
-    key = stage_key(stage, stage_code_version(stage), section, input_hashes)
+    libraries = library_versions(stage, section, home)  # every stage's key names them: no task can forget
+    key = stage_key(stage, _code_version(stage, libraries), section, input_hashes)
     t0 = time.perf_counter()
     failed_verification: list[str] = []  # a quarantined folder is named in the stage's lineage row
 
@@ -95,6 +212,7 @@ def run_stage(
             # Records that belong in lineage but not in the artifact (e.g. paid teacher calls).
             info = dict(build(out) or {})
             handed_back["teacher_calls"] = info.pop("teacher_calls", [])
+            info["meta"] = {**info.get("meta", {}), "libraries": libraries}  # what built it, for the curious
             return info
 
         artifact = store.build(stage, key, build_and_collect, inputs=input_hashes, replace=force)

@@ -4,6 +4,14 @@ The template teacher is offline and free. An openai teacher pays per call: its a
 call cache under HOME/teacher-cache/ (outside the artifacts), so a killed, failed or budget-stopped
 stage reruns without repeating a call, and every call it made is handed back for lineage, on
 success and on failure alike.
+
+The held-out split is entity-disjoint by construction (corpus.rows, corpus.template_teacher); the
+stage then measures exact and near-duplicate targets across it (corpus.overlap), logs the figures per
+capability, records them (lineage metrics, stats.json) and fails above the profile's limits
+(corpus.max_exact_duplicate_targets, max_near_duplicate_rate, near_duplicate_jaccard) before the
+corpus is published. For an openai teacher the answers are needed to measure, so the check runs after
+generation: the calls are paid and cached by then (a rerun with other limits costs nothing), and the
+failure hands them to lineage.
 """
 
 from __future__ import annotations
@@ -93,6 +101,8 @@ def corpus_task(profile: Profile, home: str, force: bool = False) -> dict[str, A
             raise ValueError(_empty_corpus_reason(section, stats))
         if section.replay is not None:
             rows, stats = _with_replay(rows, stats, section, home)
+        overlap = _heldout_overlap(rows, section, calls)
+        stats = {**stats, "heldout_overlap": overlap}
         with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
@@ -104,8 +114,8 @@ def corpus_task(profile: Profile, home: str, force: bool = False) -> dict[str, A
             f"{rejected} prompts rejected by pre-flight"
         )
         metrics = {"rows": len(rows), "rows_train": splits["train"], "rows_heldout": splits["heldout"],
-                   "rejected": rejected, **teacher_meta.get("metrics", {})}
-        summary = _summary(rows, stats)
+                   "rejected": rejected, **overlap_metrics(overlap), **teacher_meta.get("metrics", {})}
+        summary = corpus_summary(rows, stats)
         meta = {"metrics": metrics, "stats": {**stats, "summary": summary}, **teacher_meta.get("meta", {})}
         return {"rows": len(rows), "meta": meta, "teacher_calls": calls}
 
@@ -164,6 +174,38 @@ def _teacher_rows(profile: Profile, home: str) -> tuple[list[dict], dict, list[d
     return rows, result.stats, result.teacher_calls, {"metrics": metrics, "meta": {"teacher": metrics}}
 
 
+def _heldout_overlap(rows: list[dict], section: Any, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """Measure the held-out split against the train split, log it, and raise above the profile's limits."""
+    from corpus.overlap import HeldoutOverlapError, overlap_failures, overlap_lines, split_overlap
+
+    log = logger()
+    overlap = split_overlap(rows, section.near_duplicate_jaccard)
+    for line in overlap_lines(overlap):
+        log.info(line)
+    failures = overlap_failures(overlap, section.max_exact_duplicate_targets, section.max_near_duplicate_rate)
+    if failures:
+        paid = " (the teacher's answers are in the call cache: a rerun pays nothing)" if calls else ""
+        raise HeldoutOverlapError(
+            "corpus: the held-out split repeats train content, so held-out loss, bits per byte and the relief valve "
+            "would measure memorisation: " + "; ".join(failures) + ". Held-out prompts use entities no train prompt "
+            "uses, so this means targets share text beyond their entities (a teacher echoing its instructions, "
+            "replay text containing corpus targets); raise the limit only if that overlap is acceptable" + paid,
+            teacher_calls=calls)
+    return overlap
+
+
+def overlap_metrics(overlap: dict[str, Any]) -> dict[str, float]:
+    """Lineage metrics: exact duplicates and near-duplicate rate, in total and per capability."""
+    out = {"heldout_exact_duplicates": overlap["total"]["exact_duplicates"],
+           "heldout_near_duplicate_rate": overlap["total"]["near_duplicate_rate"],
+           "heldout_max_jaccard": overlap["total"]["max_jaccard"]}
+    for cap, s in overlap["by_capability"].items():
+        if s["heldout_rows"]:
+            out[f"heldout_exact_duplicates_{cap}"] = s["exact_duplicates"]
+            out[f"heldout_near_duplicate_rate_{cap}"] = s["near_duplicate_rate"]
+    return out
+
+
 def _empty_corpus_reason(section: Any, stats: dict) -> str:
     """Why no row survived: a teacher whose every target failed pre-flight is not a too-small corpus."""
     pre = stats.get("preflight", {})
@@ -195,7 +237,7 @@ def _with_replay(rows: list[dict], stats: dict, section: Any, home: str) -> tupl
     return rows + extra, stats
 
 
-def _summary(rows: list[dict], stats: dict) -> dict[str, Any]:
+def corpus_summary(rows: list[dict], stats: dict) -> dict[str, Any]:
     """For the report: rows per capability, prompt accept rate and target length distribution."""
     from corpus.teacher_corpus import target_length_stats
 

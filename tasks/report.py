@@ -1,9 +1,16 @@
 """Report stage: report.md (every table of the iteration), report.html (the same, with plots),
-metrics.json (the iteration's numbers and verdicts), and Prefect artifacts (markdown + tables)."""
+metrics.json (the iteration's numbers and verdicts), and Prefect artifacts (markdown + tables).
+
+Every figure it shows is read from files inside its inputs' content hashes (corpus.jsonl and stats.json,
+pack.json, each model's model.json and metrics.jsonl, the score artifact's scores.json, the steer
+artifact's quality.json), never from manifest metadata or lineage rows: the report's key is those hashes,
+so two inputs with the same hash can never be shown with different numbers.
+"""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +31,38 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def render_report(profile: Profile, corpus_meta: dict, pack_meta: dict, models: dict[str, dict], scores: dict) -> str:
+def corpus_figures(corpus_dir: Path) -> dict[str, Any]:
+    """The corpus numbers the report shows, from the corpus artifact's hashed files (not its manifest meta)."""
+    from corpus.rows import read_rows
+    from tasks.corpus import corpus_summary
+
+    rows = read_rows(corpus_dir / "corpus.jsonl")
+    stats = json.loads((corpus_dir / "stats.json").read_text())
+    rejected = stats.get("rejected")
+    splits = Counter(r["split"] for r in rows)
+    return {"metrics": {"rows": len(rows), "rows_train": splits["train"], "rows_heldout": splits["heldout"],
+                        "rejected": sum(rejected.values()) if isinstance(rejected, dict) else 0},
+            "stats": {**stats, "summary": corpus_summary(rows, stats)}}
+
+
+def model_figures(model_dir: Path) -> dict[str, Any]:
+    """A trained model's arch and numbers from its hashed model.json (wall-clock figures live only in lineage)."""
+    info = json.loads((model_dir / "model.json").read_text())
+    numbers = {k: v for k, v in sorted(info.items()) if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {"arch": info["arch"], "metrics": numbers}
+
+
+def render_report(profile: Profile, corpus: dict, pack_meta: dict, models: dict[str, dict], scores: dict,
+                  quality: dict | None = None) -> str:
+    """report.md; `corpus` / `models` as corpus_figures / model_figures return them, `quality` the steer
+    artifact's quality.json (when the steer stage ran)."""
     from scorers.report_md import format_evaluation
 
     t = profile.report.title
     parts = [f"# {t}: `{profile.name}`", "", profile.description.strip(), ""]
-    stats = corpus_meta.get("stats", {})
+    stats = corpus.get("stats", {})
     parts += ["## Corpus", "", f"Teacher: `{profile.corpus.teacher.kind}`, seed {profile.corpus.seed}.", ""]
-    m = corpus_meta.get("metrics", {})
+    m = corpus.get("metrics", {})
     parts += [_table(["rows", "train", "held-out", "rejected by pre-flight"],
                      [[m.get("rows"), m.get("rows_train"), m.get("rows_heldout"), m.get("rejected")]]), ""]
     if stats:
@@ -51,10 +82,18 @@ def render_report(profile: Profile, corpus_meta: dict, pack_meta: dict, models: 
     # no tok/s column: wall clock would make the same inputs give different bytes (`tinymars runs` has it)
     parts += [_table(["model", "arch", "params", "final train loss", "held-out loss", "alpha_l2"], rows), ""]
     parts += [format_evaluation(scores)]
+    parts += concept_quality_section(quality)
     parts += ["## Settings", "", f"Profile `{profile.name}`, hash `{profile.hash()[:16]}`.", "",
               "<details><summary>the whole profile</summary>", "", "```json",
               json.dumps(profile.model_dump(mode="json"), indent=1, sort_keys=True), "```", "</details>", ""]
     return "\n".join(parts).rstrip() + "\n"
+
+
+def concept_quality_section(quality: dict | None) -> list[str]:
+    """The steer stage's concept-quality tables, when steering ran (no steer artifact: no section)."""
+    from scorers.concept_quality import quality_section
+
+    return [] if quality is None else [*quality_section(quality), ""]
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -135,20 +174,23 @@ def report_task(
     corpus: dict[str, Any],
     pack: dict[str, Any],
     trained: dict[str, dict[str, Any]],
-    evaluation: dict[str, Any],
+    scored: dict[str, Any],
+    steer: dict[str, Any] | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    inputs = {"corpus": artifact_of(corpus), "pack": artifact_of(pack), "eval": artifact_of(evaluation),
-              **{f"model:{n}": artifact_of(r) for n, r in sorted(trained.items())}}
+    inputs = {"corpus": artifact_of(corpus), "pack": artifact_of(pack), "score": artifact_of(scored),
+              **{f"model:{n}": artifact_of(r) for n, r in sorted(trained.items())},
+              **({"steer": artifact_of(steer)} if steer is not None else {})}
 
     def build(out: Path) -> dict[str, Any]:
         from scorers.io import write_json
         from tasks.report_html import render_html
 
         pack_meta = json.loads(inputs["pack"].file("pack.json").read_text())
-        scores = json.loads(inputs["eval"].file("scores.json").read_text())
-        models = {n: inputs[f"model:{n}"].meta for n in trained}
-        text = render_report(profile, inputs["corpus"].meta, pack_meta, models, scores)
+        scores = json.loads(inputs["score"].file("scores.json").read_text())
+        models = {n: model_figures(Path(inputs[f"model:{n}"].path)) for n in trained}
+        quality = json.loads(inputs["steer"].file("quality.json").read_text()) if "steer" in inputs else None
+        text = render_report(profile, corpus_figures(Path(inputs["corpus"].path)), pack_meta, models, scores, quality)
         (out / "report.md").write_text(text, encoding="utf-8")
         write_json(out / "metrics.json", iteration_metrics(profile, models, scores))
         if profile.report.html:
@@ -162,7 +204,7 @@ def report_task(
     # key is the whole profile, not just the report section.
     result = run_stage("report", home, profile.model_dump(mode="json"), inputs, build, force)
     folder = Path(result["artifact"]["path"])
-    _publish(profile, folder, scores=json.loads(artifact_of(evaluation).file("scores.json").read_text()))
+    _publish(profile, folder, scores=json.loads(artifact_of(scored).file("scores.json").read_text()))
     html_note = f" and {folder / 'report.html'}" if profile.report.html else ""
     logger().info(f"[report] {folder / 'report.md'}{html_note}")
     return result

@@ -48,7 +48,8 @@ def write_readout(model: Any, encode: Any, texts: dict[str, tuple[list[str], lis
     for concept, groups in texts.items():  # an empty baseline group: the negatives are the base set
         acts[concept] = tuple(collect_activations(model, encode(g), layers, settings.pooling, settings.batch_size,
                                                   device) if g else None for g in groups)
-    vectors, spectra = extract_all(acts, layers, list(settings.methods), settings.subspace_k, device)
+    vectors, spectra = extract_all(acts, layers, list(settings.methods), settings.subspace_k, device,
+                                   l1_fraction=settings.l1_fraction)
     every = torch.cat([t for groups in acts.values() for t in groups if t is not None])  # [all texts, L, H]
     norms = {str(layer): float(every[:, li].norm(dim=-1).mean()) for li, layer in enumerate(layers)}
     concepts = list(texts)

@@ -1,4 +1,4 @@
-"""Tokenizer stage: SentencePiece BPE trained on the corpus's prompts and targets."""
+"""Tokenizer stage: SentencePiece BPE trained on the prompts and targets of the corpus's train split."""
 
 from __future__ import annotations
 
@@ -19,12 +19,10 @@ def tokenizer_task(profile: Profile, home: str, corpus: dict[str, Any], force: b
     corpus_art = artifact_of(corpus)
 
     def build(out: Path) -> dict[str, Any]:
-        from corpus.tokenizer import Tokenizer, train_tokenizer
+        from corpus.tokenizer import Tokenizer, train_tokenizer, training_texts
 
         rows = read_rows(corpus_art.file("corpus.jsonl"))
-        # Train on train-split text only? No: held-out prompts must tokenize without <unk> at eval,
-        # and the tokenizer sees no labels, so all prompts and targets are used.
-        texts = [t for r in rows for t in (r["prompt"], r["target"])]
+        texts = training_texts(rows)  # the train split only: held-out text never shapes the vocabulary
         path = train_tokenizer(texts, out, section.vocab_size, section.model_type, section.character_coverage)
         vocab = Tokenizer(path).vocab_size
         return {"meta": {"metrics": {"vocab_size": vocab, "training_texts": len(texts)}}}

@@ -110,7 +110,7 @@ def train_task(
         sec_per_step = summary.get("timing", {}).get("sec_per_step")
         if sec_per_step:  # wall-clock: lives in lineage and the manifest, never in the hashed files
             metrics["sec_per_step"] = sec_per_step
-            metrics["tok_per_s"] = t.batch_size * meta["seq_len"] / sec_per_step
+            metrics["tok_per_s"] = summary["timing"]["tok_per_s"]  # real tokens (models.trainer), not padding
         return {"meta": {"metrics": metrics, "model": spec.name, "arch": spec.arch,
                          "devices": nproc, "device": summary.get("timing", {}).get("device")},
                 "volatile": [TIMING_FILE]}

@@ -331,10 +331,10 @@ def plan(seed: int, stages: list[str], total: int, seconds: dict[str, float]) ->
 
     Delays are drawn within the first half of the stage's build time in an uninterrupted run (`seconds`), so
     a kill lands inside the stage it aims at on a fast or a slow machine alike. Extra points go preferably
-    to the long stages (training, embedding, eval), where there is more to hit.
+    to the long stages (training, embedding, generation), where there is more to hit.
     """
     rng = random.Random(seed)
-    weight = {"train": 3, "eval": 2, "channels": 2}
+    weight = {"train": 3, "generate": 2, "channels": 2}
     pool = [s for s in stages for _ in range(weight.get(s, 1))]
     rng.shuffle(pool)
     extra = [pool[i % len(pool)] for i in range(max(0, total - len(stages)))]

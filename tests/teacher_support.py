@@ -113,8 +113,13 @@ LOAD_TEACHER = {"max_concurrency": 32, "timeout_s": 3.0, "max_retries": 8}
 
 
 def load_profile(base_url: str, prompts: int = LOAD_PROMPTS) -> Profile:
-    """A corpus of 15 x `prompts` teacher calls (selection and register, no conflict prompts)."""
-    return make_profile(base_url, prompts=prompts, conflicts=0, **LOAD_TEACHER)
+    """A corpus of 15 x `prompts` teacher calls (selection and register, no conflict prompts).
+
+    The loopback server's answers are templated from the request's words, so held-out and train targets
+    repeat: the split-overlap limits are lifted here (this corpus tests ledgers under faults, not content)."""
+    data = profile_data(base_url, prompts=prompts, conflicts=0, **LOAD_TEACHER)
+    data["corpus"].update(max_exact_duplicate_targets=10**9, max_near_duplicate_rate=1.0)
+    return validate_profile(data)
 
 
 def load_calls(prompts: int = LOAD_PROMPTS) -> int:

@@ -81,7 +81,7 @@ def test_bench_arch_flow_writes_a_row_per_model_and_the_plot(prefect_harness, tm
               {"name": "conv", "arch": "vocab_conv", "hops": 2}]
     home = tmp_path / "home"
     out = bench_arch(profile="tiny", models=models, minutes=1 / 60, home=str(home), eval_points=2,
-                     overrides=["corpus.prompts_per_capability=4", "pack.seq_len=128"])
+                     overrides=["corpus.prompts_per_capability=4", "pack.seq_len=256"])
     names = ["native", "baseline", "graph", "conv"]
     assert [r["model"] for r in out["table"]] == names
     for row in out["table"]:

@@ -81,3 +81,89 @@ def test_report_carries_spectra_and_method_agreement() -> None:
     assert entry["subspace_eigvals"] == [0.9, 0.1, 0.0]
     assert entry["alignment"]["mean"] > 0.9 and len(entry["alignment"]["cosines"]) == 5
     assert report["methods"] == ["logistic", "pca"]
+
+
+# ---- the report section ----------------------------------------------------------------------------------
+def _tables(lines: list[str]) -> list[list[list[str]]]:
+    """Every pipe table in the lines, as rows of cells (header first, the |---| rule dropped)."""
+    tables, current = [], None
+    for line in [*lines, ""]:
+        if line.startswith("|"):
+            if not line.startswith("|---"):
+                current = (current or []) + [[c.strip() for c in line.strip().strip("|").split("|")]]
+        elif current:
+            tables.append(current)
+            current = None
+    return tables
+
+
+@pytest.fixture(scope="module")
+def real_quality(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """quality.json as the steer stage writes it: a tiny native model read on three concepts' pairs."""
+    import torch
+
+    from models.architectures import build
+    from tasks.steering import QUALITY, write_readout
+    from tinymars.profile import SteeringSection
+
+    model = build({"arch": "native", "n_layer": 3, "n_head": 2, "d_model": 16}, vocab_size=40, seq_len=32,
+                  channel_names=["affect"], channel_dim=4, seed=0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a fresh init leaves every block an identity; give the blocks something to do
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return [[ord(ch) % 40 for ch in text] for text in texts]
+
+    words = {"warmth": ("warm sunny", "cold grim"), "kindness": ("kind soft", "harsh mean"), "time": ("dawn", "dusk")}
+    texts = {c: ([f"{p} day {i}" for i in range(6)], [f"{n} day {i}" for i in range(6)], [f"day {i}" for i in range(6)])
+             for c, (p, n) in words.items()}
+    out = tmp_path_factory.mktemp("readout")
+    write_readout(model.eval(), encode, texts, SteeringSection(layers=[0, 2], method="pca", device="cpu"), out,
+                  {"name": "tiny", "arch": "native"})
+    return json.loads((out / QUALITY).read_text())
+
+
+def test_quality_section_shows_the_numbers_quality_json_holds(real_quality: dict) -> None:
+    from scorers.concept_quality import quality_section
+
+    lines = quality_section(real_quality)
+    assert lines[0] == "## Concept vector quality" and "`pca`" in lines[2]
+    diagnostics, agreement, spectra = _tables(lines)
+    rows = {(r[0], r[1]): r for r in diagnostics[1:]}
+    assert sorted(rows) == sorted((str(layer), c) for layer in (0, 2) for c in ("warmth", "kindness", "time"))
+    for (layer, concept), row in rows.items():
+        e = real_quality["per_layer"][layer][concept]
+        assert float(row[2]) == e["first_pc_variance_ratio"]
+        assert (float(row[3]), float(row[4])) == (e["alignment"]["mean"], e["alignment"]["min"])
+        assert row[5] == (", ".join(map(str, e["alignment"]["outliers"])) or "none")
+        first, cosine = row[6].split(", ")[0].split(" ")
+        assert (first, float(cosine)) == (e["nearest"][0]["concept"], e["nearest"][0]["cosine"])
+        assert float(row[7]) == e["ridge"]["r2"] and (row[9] == "**yes**") == e["ridge"]["redundant"]
+    assert agreement[0][2:] == [f"`{m}`" for m in real_quality["methods"]] and len(real_quality["methods"]) == 5
+    for row in agreement[1:]:
+        stored = real_quality["per_layer"][row[0]][row[1]]["method_agreement"]
+        assert [float(c) for c in row[2:]] == [stored[m] for m in real_quality["methods"]]
+        assert stored["pca"] == pytest.approx(1.0)
+    for row in spectra[1:]:
+        stored = real_quality["per_layer"][row[0]][row[1]]["subspace_eigvals"][:5]
+        assert [float(v) for v in row[2].split(", ")] == stored
+
+
+def test_quality_section_names_the_redundant_concept_and_renders_as_html() -> None:
+    from scorers.concept_quality import quality_section
+    from tasks.report_html import markdown_to_html
+
+    names, vectors = concept_vectors()
+    report = json.loads(json.dumps(quality_report(names, [3], "diff_means", {"diff_means": {3: vectors}}, {})))
+    lines = quality_section(report)
+    verdict = next(line for line in lines if line.startswith("Redundant"))
+    assert "**dup** at layer 3" in verdict and "**a** at layer 3" in verdict and "**b**" not in verdict
+    diagnostics = {r[1]: r for r in _tables(lines)[0][1:]}
+    assert diagnostics["dup"][9] == "**yes**" and diagnostics["b"][9] == "no"
+    assert diagnostics["b"][2] == "–" and diagnostics["b"][5] == "–"  # no pairs given: not computed
+    assert len(_tables(lines)) == 2  # no spectra recorded: no eigenvalue table
+    page = markdown_to_html("\n".join(lines))
+    assert page.count("<table>") == 2 and "<h2>Concept vector quality</h2>" in page
+    assert "<strong>yes</strong>" in page

@@ -18,7 +18,7 @@ KINDS = {
     "tokenizer-model": ("tokenizer", "tokenizer.model"),
     "shard": ("pack", "train-00000.parquet"),
     "checkpoint": ("train:native", "model.safetensors"),  # the trained weights (training checkpoints: test_training)
-    "generations": ("eval", "generations.jsonl"),
+    "generations": ("generate", "generations.jsonl"),
 }
 
 

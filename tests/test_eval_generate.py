@@ -140,8 +140,9 @@ def test_generate_arms_records_every_arm_and_turn() -> None:
             "b": np.random.default_rng(1).normal(size=(2, D)).astype(np.float32)}
     recs = generate_arms(model, FakeTok(), ROWS, mats, ["a", "b"], D, [0, 1], ["mars", "ablated", "text"], 6, 4,
                          followup_turns=1, followup="More?")
-    assert len(recs) == 2 * 3 + 2 * 2  # turn 0: every arm; turn 1: MARS and ABLATED only
-    assert {r["arm"] for r in recs if r["turn"] == 1} == {"mars", "ablated"}
+    assert len(recs) == 2 * 3 + 2 * 3  # turn 0: every arm; turn 1: MARS, ABLATED and MARS_CUT
+    assert {r["arm"] for r in recs if r["turn"] == 1} == {"mars", "ablated", "mars_cut"}
+    assert not any(r["arm"] == "mars_cut" for r in recs if r["turn"] == 0)
     by = {(r["row_id"], r["arm"], r["turn"]): r for r in recs}
     text0, mars0 = by[("aff-0000-pos", "text", 0)], by[("aff-0000-pos", "mars", 0)]
     assert text0["prompt"].startswith("[state: mood warm") and mars0["prompt"] == "Plan my day?"
@@ -151,6 +152,10 @@ def test_generate_arms_records_every_arm_and_turn() -> None:
     turn1 = by[("aff-0000-pos", "mars", 1)]
     assert turn1["prompt"] == followup_prompt(mars0["prompt"], mars0["response"], "More?")
     assert turn1["prompt_tokens"] > mars0["prompt_tokens"]
+    # MARS_CUT answers the very conversation MARS answers at turn 1, with the channel zeroed
+    cut = by[("aff-0000-pos", "mars_cut", 1)]
+    assert cut["prompt"] == turn1["prompt"] and cut["channel"] == "zeroed"
+    assert any(by[(r["row_id"], "mars", 1)]["response"] != by[(r["row_id"], "mars_cut", 1)]["response"] for r in ROWS)
     assert all(r["response_tokens"] <= 6 and isinstance(r["response"], str) for r in recs)
     # the channel reaches MARS only: with lively gates its responses differ from ABLATED's somewhere
     assert any(by[(r["row_id"], "mars", 0)]["response"] != by[(r["row_id"], "ablated", 0)]["response"] for r in ROWS)

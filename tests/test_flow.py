@@ -14,7 +14,8 @@ from tinymars.lineage import Lineage
 
 pytestmark = pytest.mark.slow
 
-ALL = ["corpus", "channels", "tokenizer", "pack", "train:native", "train:baseline", "steer", "eval", "report"]
+ALL = ["corpus", "channels", "tokenizer", "pack", "train:native", "train:baseline", "steer", "generate", "score",
+       "report"]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +47,9 @@ def test_cold_run_builds_every_stage_and_records_lineage(chain):
     assert arts["corpus"]["rows"] > 0
     report = arts["report"]["content_hash"]
     parents = {p["name"] for p in lin.parents(report)}
-    assert parents == {"corpus", "pack", "eval", "train:native", "train:baseline"}
-    assert {c["name"] for c in lin.children(arts["tokenizer"]["content_hash"])} == {"pack", "steer", "eval"}
+    assert parents == {"corpus", "pack", "score", "steer", "train:native", "train:baseline"}
+    assert {c["name"] for c in lin.children(arts["tokenizer"]["content_hash"])} == {"pack", "steer", "generate"}
+    assert {p["name"] for p in lin.parents(arts["score"]["content_hash"])} == {"generate"}
     keys = {m["key"] for m in lin.metrics(runs[0]["run_id"])}
     assert {"rows", "num_params", "vocab_size"} <= keys
 
@@ -61,15 +63,17 @@ def test_report_and_generations_are_complete(chain):
         assert heading in report
     for cap in ("memory", "identity", "continuity", "affect", "time", "ethics"):
         assert cap in report
-    eval_dir = Path(arts["eval"]["path"])
-    records = [json.loads(line) for line in (eval_dir / "generations.jsonl").read_text().splitlines()]
-    assert {r["arm"] for r in records} == {"mars", "ablated", "text"}
+    gen_dir, score_dir = Path(arts["generate"]["path"]), Path(arts["score"]["path"])
+    assert sorted(p.name for p in gen_dir.iterdir()) == ["generations.jsonl", "manifest.json", "measurements.json"]
+    records = [json.loads(line) for line in (gen_dir / "generations.jsonl").read_text().splitlines()]
+    assert {r["arm"] for r in records if r.get("turn", 0) == 0} == {"mars", "ablated", "text"}  # + follow-up arms
     assert all({"row_id", "prompt", "response", "channel_state", "response_tokens"} <= set(r) for r in records)
     # every verdict can be re-scored with no model: the saved scores are a pure function of the JSONL
     from scorers.evaluate import score_all
 
-    scores = json.loads((eval_dir / "scores.json").read_text())
-    settings, measured = (json.loads((eval_dir / f).read_text()) for f in ("settings.json", "measurements.json"))
+    scores = json.loads((score_dir / "scores.json").read_text())
+    settings = json.loads((score_dir / "settings.json").read_text())
+    measured = json.loads((gen_dir / "measurements.json").read_text())
     assert score_all(records, settings, measured) == scores
 
 
@@ -81,14 +85,15 @@ def test_rerun_recomputes_nothing(chain):
     assert len(stages) == len(ALL) and all(s["cache_hit"] for s in stages)
 
 
-def test_eval_only_change_reruns_eval_and_report(chain):
+def test_decoding_change_regenerates_then_rescores_and_reports(chain):
     out = _iterate(chain, overrides=["eval.max_new_tokens=6"])
-    assert _built(out) == ["eval", "report"]
+    assert _built(out) == ["generate", "score", "report"]
 
 
 def test_refresh_tokenizer_reruns_it_and_downstream_only(chain):
     out = _iterate(chain, refresh=["tokenizer"])
-    assert _built(out) == ["tokenizer", "pack", "train:native", "train:baseline", "steer", "eval", "report"]
+    assert _built(out) == ["tokenizer", "pack", "train:native", "train:baseline", "steer", "generate", "score",
+                           "report"]
 
 
 def test_corrupt_artifact_is_rebuilt_with_a_warning(chain, caplog):

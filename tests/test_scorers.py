@@ -7,7 +7,7 @@ import math
 import random
 
 import pytest
-from scipy.stats import binomtest
+from scipy.stats import binomtest, ttest_1samp
 from statsmodels.stats.contingency_tables import mcnemar
 from statsmodels.stats.proportion import proportion_confint
 
@@ -50,43 +50,6 @@ def test_count_phrase_is_whole_word_and_multiword() -> None:
     assert count_phrase(toks, ["rex"]) == 1
     assert count_phrase(toks, ["double", "check"]) == 2
     assert count_phrase(toks, []) == 0
-
-
-# ---------------------------------------------------------------- selection
-
-
-def test_item_mentions_counts_key_occurrences_per_item() -> None:
-    assert item_mentions("Take Rex the beagle out; Rex loves it.", ITEMS) == [3, 0, 0]
-    assert item_mentions("LISBON! Your sister's favourite city, lisbon.", ITEMS) == [0, 3, 0]
-    assert item_mentions("Lisbón with your sister", ITEMS) == [0, 2, 0]  # accents folded
-    assert item_mentions("Rexford plays pianos", ITEMS) == [0, 0, 0]  # whole words only
-    assert item_mentions("", ITEMS) == [0, 0, 0]
-
-
-def test_item_mentions_counts_a_key_listed_twice_once() -> None:
-    items = [{"text": "x", "keys": ["Rex", "rex", "REX"]}]
-    assert item_mentions("Rex", items) == [1]
-
-
-def test_dominant_salient_uniquely_most_referenced() -> None:
-    assert dominant("Take Rex the beagle for a long walk.", ITEMS, 0)
-    assert not dominant("Take Rex the beagle for a long walk.", ITEMS, 1)
-    # more references to the salient item than to another still counts
-    assert dominant("Play the piano your grandmother loved, maybe a Lisbon tune.", ITEMS, 2)
-
-
-def test_dominant_rejects_the_enumeration_leak() -> None:
-    text = "You could walk Rex the beagle, visit Lisbon with your sister, or play grandmother's piano."
-    assert item_mentions(text, ITEMS) == [2, 2, 2]
-    assert not any(dominant(text, ITEMS, i) for i in range(3))
-
-
-def test_dominant_needs_at_least_one_mention_and_no_tie() -> None:
-    assert not dominant("Have a nice weekend.", ITEMS, 0)
-    assert not dominant("", ITEMS, 0)
-    assert not dominant("Rex and Lisbon.", ITEMS, 0)  # tie 1-1
-    with pytest.raises(ValueError, match="out of range"):
-        dominant("Rex", ITEMS, 3)
 
 
 # ---------------------------------------------------------------- register
@@ -267,8 +230,10 @@ def test_score_generations_selection_table() -> None:
     assert out["n"] == 12
     assert out["mars_dominant_rate"] == pytest.approx(8 / 12)
     assert out["ablated_dominant_rate"] == pytest.approx(3 / 12)
-    assert out["p"] == pytest.approx(mcnemar([[2, 6], [1, 3]], exact=True).pvalue)
-    assert out["significant"] is False  # p = 0.125
+    # one row per prompt here, so the per-prompt sign test is the one-sided exact McNemar: half the two-sided p
+    assert out["p"] == pytest.approx(sign_test(6, 1)) == pytest.approx(mcnemar([[2, 6], [1, 3]], exact=True).pvalue / 2)
+    assert (out["prompts"], out["prompts_mars_better"], out["prompts_ablated_better"]) == (12, 6, 1)
+    assert out["significant"] is False  # p = 0.0625
     assert out["tokens"]["mars"]["mean_prompt_tokens"] == 40
 
 
@@ -283,7 +248,9 @@ def test_score_generations_register_and_conflict() -> None:
     assert (abl["wins"], abl["losses"], abl["ties"], abl["reliability"]) == (0, 0, 6, 0.0)
     con = out["conflict"]["arms"]["mars"]
     assert (con["n"], con["follows_channel"], con["follows_text"]) == (4, 2, 1)
-    assert con["p"] == pytest.approx(binom_test(2, 4))
+    # one conflict row per prompt here: per-prompt rates [1, 1, 0, 0], t-test against 0.5
+    assert con["p"] == pytest.approx(ttest_1samp([1, 1, 0, 0], 0.5, alternative="greater").pvalue)
+    assert (con["pairs"], con["pair_rate"], con["pair_p"]) == (0, None, 1.0)  # no prompt has both rows
     assert out["conflict_rate"] == 0.5
     assert out["conflict"]["arms"]["ablated"]["follows_channel"] == 0
 
@@ -329,14 +296,15 @@ def test_significance_needs_the_right_direction() -> None:
     for i in range(12):
         recs += [_sel(i, "mars", "Lisbon"), _sel(i, "ablated", "Rex")]
     out = score_generations(recs)["memory"]
-    assert out["p"] < 0.01 and out["significant"] is False
+    assert out["p"] == 1.0 and out["significant"] is False  # one-sided: the wrong direction is no evidence
+    assert (out["prompts_mars_better"], out["prompts_ablated_better"]) == (0, 12)
     assert math.isclose(out["delta_pp"], -100.0)
 
 
 def test_format_markdown_has_every_table() -> None:
     md = format_markdown(score_generations(_records()))
     assert "### Selection" in md and "### Register" in md and "### Conflict" in md
-    assert "| memory | 12 | 66.7% | 25.0% | 41.7 pp | 2 | 6 | 1 | 3 | 0.125 | n.s. |" in md
+    assert "| memory | 12 | 66.7% | 25.0% | 41.7 pp | 2 | 6 | 1 | 3 | 6/1 | 0.0625 | n.s. |" in md
     assert "| affect | mars | 6 | 4 | 1 | 1 | 66.7% |" in md
     assert format_markdown({}) == "_No generations were scored._\n"
 
@@ -465,18 +433,11 @@ def test_power_and_n_needed_match_brute_force_exact_tests(p1, p0, alternative) -
     assert all(_brute_power(n, p1, p0, 0.05, alternative) < 0.8 for n in range(1, need))
 
 
-def test_power_without_an_effect_and_noether() -> None:
-    from scipy.stats import norm
-
-    from scorers.stats import binomial_n_for_power, wilcoxon_n_for_power
+def test_power_without_an_effect() -> None:
+    from scorers.stats import binomial_n_for_power
 
     assert binomial_n_for_power(0.5, 0.5, 0.05) is None and binomial_n_for_power(0.3, 0.5, 0.05) is None
     assert binomial_n_for_power(0.5001, 0.5, 0.05, n_max=50) is None  # beyond n_max
-    # diffs [1, 1, -1, 1]: pairwise sums 2,0,2,0,2,0 -> p' = (3 + 0.5 * 3) / 6 = 0.75
-    z = norm.ppf(0.95) + norm.ppf(0.8)
-    assert wilcoxon_n_for_power([1, 1, -1, 1], 0.05) == math.ceil(z * z / (3 * 0.25**2))
-    assert wilcoxon_n_for_power([-1, -2, 0.5], 0.05) is None
-    assert wilcoxon_n_for_power([1.0], 0.05) is None
 
 
 # ---------------------------------------------------------------- hypotheses, arms, persistence, distances, relief
@@ -502,60 +463,70 @@ def _verdict(records: list[dict], hyp: dict) -> dict:
     return score_all(records, {"hypotheses": [hyp], "bootstrap_resamples": 200})["hypotheses"][0]
 
 
-def test_hypothesis_supported_not_supported_and_underpowered() -> None:
+def test_hypothesis_supported_not_supported_and_inconclusive() -> None:
+    from scorers.stats import binomial_n_for_power
+
+    needed = binomial_n_for_power(0.65, 0.5, 0.05, 0.8)  # default minimal effect: share 0.5 + 0.15
     strong = _selection_cells([(HIT, MISS)] * 20 + [(HIT, HIT)] * 5)
     h = _verdict(strong, _hyp("H1", "dominant", "ablated"))
     m = h["members"][0]
-    assert (h["verdict"], m["verdict"], m["test"], m["n"]) == ("supported", "supported", "exact McNemar", 25)
-    assert m["p"] == mcnemar_exact(20, 0) and m["p_holm"] == m["p"] and m["direction_ok"]
-    assert m["effect"] == pytest.approx(20 / 25) and m["ci95"][0] <= 0.8 <= m["ci95"][1]
+    assert (h["verdict"], m["verdict"], m["test"], m["n"], m["n_informative"]) == \
+        ("supported", "supported", "sign test", 25, 20)
+    assert m["p"] == sign_test(20, 0) == 0.5**20 and m["p_holm"] == m["p"]
+    assert m["effect"] == 1.0 and m["ci95"] == pytest.approx(list(clopper_pearson(20, 20)))
+    assert m["n_needed"] == needed  # fixed by the design, not by these data
 
-    wrong = _selection_cells([(MISS, HIT)] * 20)
-    assert _verdict(wrong, _hyp("H1", "dominant", "ablated"))["verdict"] == "not supported"
+    wrong = _verdict(_selection_cells([(MISS, HIT)] * 20), _hyp("H1", "dominant", "ablated"))
+    assert wrong["verdict"] == "not supported" and wrong["members"][0]["p"] == 1.0
+    assert wrong["members"][0]["reason"] == "95% interval excludes the minimal effect"
 
     small = _selection_cells([(HIT, MISS)] * 3 + [(MISS, MISS)] * 3)
     h = _verdict(small, _hyp("H1", "dominant", "ablated"))
     m = h["members"][0]
-    assert m["p"] == mcnemar_exact(3, 0) and m["p"] > 0.05
-    assert h["verdict"] == "underpowered" and m["n_needed"] > m["n"]
-    # the n needed is in rows: discordant pairs needed / discordant fraction (3 of 6)
-    from scorers.stats import binomial_n_for_power
-
-    assert m["n_needed"] == math.ceil(binomial_n_for_power(1.0, 0.5, 0.05, 0.8, "two-sided") * 6 / 3)
+    assert m["p"] == sign_test(3, 0) and m["p"] > 0.05
+    assert h["verdict"] == "inconclusive" and m["n_needed"] == needed > m["n_informative"] == 3
 
 
 def test_hypothesis_family_is_holm_corrected_across_capabilities() -> None:
-    # memory alone is significant at 0.05 (p = 2 * 0.5**6 = 0.03125); with identity null the family
-    # of two needs p < 0.025 for it: Holm doubles the smallest p-value.
-    recs = _selection_cells([(HIT, MISS)] * 6, cap="memory") + _selection_cells([(MISS, MISS)] * 6, cap="identity")
+    # memory alone is significant at 0.05 (one-sided sign test, 5 of 5: p = 0.5**5 = 0.03125); with identity
+    # null the family of two needs p < 0.025 for it: Holm doubles the smallest p-value.
+    recs = _selection_cells([(HIT, MISS)] * 5, cap="memory") + _selection_cells([(MISS, MISS)] * 6, cap="identity")
     alone = _verdict(recs, _hyp("H", "dominant", "ablated", capability="memory"))
     fam = _verdict(recs, _hyp("H", "dominant", "ablated"))
     assert alone["verdict"] == "supported" and alone["members"][0]["p"] == pytest.approx(0.03125)
     assert [m["capability"] for m in fam["members"]] == ["memory", "identity"]
     assert fam["members"][0]["p_holm"] == pytest.approx(0.0625) and fam["members"][0]["verdict"] != "supported"
-    assert fam["members"][1]["verdict"] == "not supported" and fam["verdict"] == "not supported"
+    assert fam["members"][1]["verdict"] == "inconclusive" and fam["verdict"] == "inconclusive"
 
 
 def test_hypotheses_against_chance_and_on_magnitudes() -> None:
+    import numpy as np
+
     from scorers.stats import wilcoxon_signed_rank
 
     recs = _records()
     sign = _verdict(recs, _hyp("H2", "directional", "chance"))["members"][0]
-    assert (sign["test"], sign["counts"], sign["p"]) == ("sign test", {"wins": 4, "losses": 1}, sign_test(4, 1))
+    assert (sign["test"], sign["counts"], sign["p"]) == \
+        ("sign test", {"wins": 4, "losses": 1, "ties": 1}, sign_test(4, 1))
     gap = _verdict(recs, _hyp("H3", "gap", "ablated"))["members"][0]
-    assert gap["test"] == "Wilcoxon signed-rank" and gap["effect"] == pytest.approx(2.0)
-    assert gap["p"] == wilcoxon_signed_rank([4.0, 4.0, 4.0, 4.0, -4.0, 0.0])
+    diffs = [4.0, 4.0, 4.0, 4.0, -4.0, 0.0]
+    assert gap["test"] == "Wilcoxon signed-rank" and gap["mean"] == pytest.approx(2.0)
+    assert gap["effect"] == pytest.approx(np.mean(diffs) / np.std(diffs, ddof=1))  # d_z
+    assert gap["p"] == wilcoxon_signed_rank(diffs)
     con = _verdict(recs, _hyp("H5", "conflict", "chance"))["members"][0]
-    assert con["p"] == binom_test(2, 4, 0.5) and con["verdict"] == "not supported"  # 50% is not above chance
+    assert con["p"] == pytest.approx(ttest_1samp([1, 1, 0, 0], 0.5, alternative="greater").pvalue)
+    assert con["verdict"] == "inconclusive"  # 4 prompts rule nothing in or out
     dom = _verdict(recs, _hyp("H6", "dominant", "chance"))["members"][0]
-    assert dom["p"] == binom_test(8, 12, 1 / 3) and dom["effect"] == pytest.approx(8 / 12)
+    rates = [1.0] * 8 + [0.0] * 4  # rows 0-7 hit (both-hit and mars-only cells), one row per prompt
+    assert dom["p"] == pytest.approx(ttest_1samp(rates, 1 / 3, alternative="greater").pvalue)
+    assert dom["effect"] == pytest.approx(8 / 12)
 
 
-def test_hypothesis_without_generations_is_underpowered_and_bad_specs_fail() -> None:
+def test_hypothesis_without_generations_is_inconclusive_and_bad_specs_fail() -> None:
     from scorers.evaluate import score_all
 
     h = _verdict(_records(), _hyp("H", "dominant", "ablated", capability="identity"))
-    assert h["verdict"] == "underpowered" and h["members"][0]["n"] == 0
+    assert h["verdict"] == "inconclusive" and h["members"][0]["n"] == 0
     with pytest.raises(ValueError, match="does not apply"):
         _verdict(_records(), _hyp("H", "dominant", "ablated", capability="affect"))
     with pytest.raises(ValueError, match="unique"):
@@ -572,7 +543,10 @@ def test_channel_vs_text_rates_deltas_and_token_cost() -> None:
               "response": MISS if r["kind"] == "selection" else r["response"]} for r in recs if r["arm"] == "mars"]
     rows = {(r["capability"], r["kind"]): r for r in score_all(recs, {"bootstrap_resamples": 300})["channel_vs_text"]}
     mem = rows[("memory", "selection")]
-    assert [mem["arms"][a]["successes"] for a in ("mars", "ablated", "text")] == [8, 3, 0]
+    assert [mem["arms"][a]["rate"] for a in ("mars", "ablated", "text")] == pytest.approx([8 / 12, 3 / 12, 0.0])
+    assert [mem["arms"][a]["prompts"] for a in ("mars", "ablated", "text")] == [12, 12, 12]
+    assert mem["deltas"]["mars-ablated"]["discordant"] == [6, 1]
+    assert mem["deltas"]["mars-ablated"]["p"] == pytest.approx(binomtest(1, 7, 0.5).pvalue)  # two-sided sign test
     assert mem["deltas"]["mars-text"]["delta"] == pytest.approx(8 / 12)
     assert mem["deltas"]["text-ablated"]["delta"] == pytest.approx(-3 / 12)
     assert mem["tokens"]["text_extra_prompt_tokens"] == 7.0
@@ -654,7 +628,7 @@ def test_format_evaluation_has_every_section() -> None:
                     "### Selection", "### Register", "### Conflict", "## Arms side by side", "## Persistence",
                     "## Response distance between arms", "## Relief valve", "## Gates (alpha_l2 = 0.5000)"):
         assert heading in md, heading
-    assert "| H1 | memory | exact McNemar | 12 |" in md
+    assert "| H1 | memory | sign test | 7 of 12 prompts decided |" in md
     assert "| native | baseline | +0.1000 | +0.1000 |" in md
     assert "| turn 0 | turn 1 |" in md
 

@@ -200,22 +200,23 @@ def test_scores_and_report_carry_steer_next_to_the_other_arms(tmp_path, capsys) 
     assert (reg["pairs"], reg["wins"], reg["losses"]) == (10, 7, 0)
     rows = {(r["capability"], r["kind"]): r for r in scores["channel_vs_text"]}
     affect = rows[("affect", "register")]
-    # STEER vs ABLATED: steer alone wins on prompts 1..6, ablated alone on none; checked against statsmodels
+    # STEER vs ABLATED on per-prompt signs: steer alone wins on prompts 1..6, ablated alone on none. With no
+    # losses anywhere the signs are 0/1, so the two-sided sign test equals the exact McNemar (statsmodels)
     d = affect["deltas"]["steer-ablated"]
     assert d["discordant"] == [6, 0] and d["delta"] == pytest.approx(0.6)
     assert d["p"] == pytest.approx(mcnemar([[1, 6], [0, 3]], exact=True).pvalue)
     ms = affect["deltas"]["mars-steer"]
     assert ms["discordant"] == [2, 0] and ms["p"] == pytest.approx(mcnemar([[7, 2], [0, 1]], exact=True).pvalue)
-    assert rows[("memory", "selection")]["arms"]["steer"] == {"n": 0, "successes": 0, "rate": None, "ci95": None}
-    assert rows[("affect", "conflict")]["arms"]["steer"]["successes"] == 3
+    assert rows[("memory", "selection")]["arms"]["steer"] == {"prompts": 0, "rows": 0, "rate": None, "ci95": None}
+    assert rows[("affect", "conflict")]["arms"]["steer"]["rate"] == 0.75
     h = scores["hypotheses"][0]
     assert [m["capability"] for m in h["members"]] == ["affect"] and h["members"][0]["counts"] == \
-        {"steer_only": 6, "ablated_only": 0}
+        {"wins": 6, "losses": 0, "ties": 4}
 
     md = format_evaluation(scores)
     assert "## STEER arm (activation addition)" in md and "layer 1 (test), multiplier 0.5" in md
     assert "| affect | register | 10 | 90.0% (p " in md and "+60.0 pp [" in md and "] p 0.0312 | +20.0 pp [" in md
-    assert "steer-ablated [95% CI] McNemar p" in md and "H8-steer" in md
+    assert "steer-ablated [95% CI] sign-test p" in md and "H8-steer" in md
     assert capability_rates(scores["channel_vs_text"], scores["arms"]).startswith(b"\x89PNG")
 
     # the offline re-score reproduces a saved scores.json with the STEER arm exactly

@@ -308,7 +308,7 @@ def test_preflight_reasons_for_each_kind_of_bad_target():
     from corpus.openai_teacher import TeacherAnswer
     from corpus.teacher_corpus import check_target, plan_corpus, prompt_reject
 
-    plan = plan_corpus(["memory", "affect"], 1, 0, seed=3, templates=load_templates())
+    plan = plan_corpus(["memory", "affect"], 1, 0, seed=3, templates=load_templates(), heldout_fraction=0.25)
     memory, affect = plan[0], plan[1]
     slot = memory.slots[0]
     salient, other = memory.items[0]["keys"][0], memory.items[1]["keys"][0]

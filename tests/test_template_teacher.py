@@ -14,7 +14,7 @@ from corpus import template_teacher as tt
 from corpus.encode import encode_numeric, state_as_prompt_text, state_text
 from corpus.rows import ROW_FIELDS, preflight_register, preflight_selection
 from corpus.template_teacher import generate_corpus, load_data
-from scorers.register import register_score, vader_compound
+from scorers.register import lexicons, register_score, vader_compound
 from scorers.selection import dominant, item_mentions
 from scorers.text import words
 from tinymars.domain import CAPABILITIES, ETHICS_CATEGORIES, NUMERIC_DIMS, TEXT_CHANNELS
@@ -98,7 +98,8 @@ def test_conflict_rows(corpus) -> None:
 
 
 def test_prompts_are_distinct_within_a_capability() -> None:
-    rows, _ = generate_corpus(ALL, 120, 30, 0.25, seed=7)
+    rows, stats = generate_corpus(ALL, 120, 30, 0.25, seed=7)
+    assert stats["rejected"] == dict.fromkeys(ALL, 0)  # the grown pools hold no key collisions
     for cap in ALL:
         prompts = {
             r["prompt_id"]: r["prompt"] for r in rows if r["capability"] == cap and r["kind"] != "conflict"
@@ -198,8 +199,8 @@ def test_generation_drops_and_counts_rejected_prompts(monkeypatch) -> None:
 def test_generation_rejects_enumerating_selection_targets(monkeypatch) -> None:
     real = tt.SELECTION_BUILDERS["identity"]
 
-    def enumerating(rng):
-        prompt, items, targets = real(rng)
+    def enumerating(rng, side):
+        prompt, items, targets = real(rng, side)
         return prompt, items, [" and ".join(it["keys"][0] for it in items)] * 3
 
     monkeypatch.setitem(tt.SELECTION_BUILDERS, "identity", enumerating)
@@ -211,8 +212,7 @@ def test_generation_rejects_enumerating_selection_targets(monkeypatch) -> None:
 
 
 def test_data_pools() -> None:
-    people = load_data("personas")["personas"]
-    assert len(people) >= 12
+    people = load_data("personas")
     ethics = load_data("registers")["ethics_prompts"]
     assert (
         sorted({p["category"] for p in ethics}) == sorted(ETHICS_CATEGORIES) and len(ETHICS_CATEGORIES) == 24
@@ -220,7 +220,7 @@ def test_data_pools() -> None:
     pools = {
         "memories": (load_data("memories")["memories"], ("idea", "why")),
         "threads": (load_data("threads")["threads"], ("topic", "step")),
-        "personas": (people, ("lens",)),
+        "crafts": (people["crafts"], ("role", "lens")),
     }
     for name, (pool, fields) in pools.items():
         keys = [tuple(words(k)) for item in pool for k in item["keys"]]
@@ -232,6 +232,42 @@ def test_data_pools() -> None:
                 name,
                 item["text"] if "text" in item else item,
             )
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    return [s for v in value for s in _strings(v)] if isinstance(value, list) else []
+
+
+def test_people_are_never_a_key_or_a_word_of_other_content() -> None:
+    """A first name is a persona's key and a user's name: it must not be another item's key or turn up in any
+    other text, or pre-flight would reject prompts (and a name would tie a held-out row to train text)."""
+    people = load_data("personas")
+    names, surnames = people["names"], people["surnames"]
+    assert len(set(names)) == len(names) >= 100 and len(set(surnames)) == len(surnames) >= 30
+    assert not {n.lower() for n in names} & {s.lower() for s in surnames}
+    other = {k: v for k, v in people.items() if k not in ("names", "surnames")}
+    texts = [s for name in ("memories", "threads", "registers") for s in _strings(load_data(name))]
+    other_words = {w for s in texts + _strings(other) + _strings(lexicons()) for w in words(s)}
+    for person in names + surnames:
+        assert len(words(person)) == 1 and words(person)[0] not in other_words, person
+    crafts = [{"keys": c["keys"]} for c in people["crafts"]]
+    for text in [q["answer"] for q in people["identity_questions"]] + people["identity_templates"]:
+        assert sum(item_mentions(text, crafts)) == 0, text
+    for name, pool in (("memories", "memories"), ("threads", "threads")):  # the frames name no item either
+        data = load_data(name)
+        assert sum(item_mentions(" ".join(data["templates"]), data[pool])) == 0, name
+
+
+def test_answer_cores_and_items_are_unique_so_a_split_cannot_share_them() -> None:
+    registers = load_data("registers")
+    for pool in (registers["neutral_prompts"], registers["ethics_prompts"], load_data("memories")["memories"],
+                 load_data("threads")["threads"], load_data("personas")["crafts"]):
+        texts = [e.get("core") or e.get("text") or e["activity"] for e in pool]
+        assert len(set(texts)) == len(texts)
 
 
 def test_every_bank_phrase_carries_its_pole_and_cores_are_neutral() -> None:
@@ -275,9 +311,9 @@ def test_generate_corpus_rejects_bad_arguments() -> None:
 
 def test_exhausted_pools_raise_instead_of_repeating_prompts(monkeypatch) -> None:
     real = tt.SELECTION_BUILDERS["identity"]
-    monkeypatch.setitem(tt.SELECTION_BUILDERS, "identity", lambda rng: real(random.Random(0)))
-    with pytest.raises(ValueError, match="distinct prompts"):
-        generate_corpus(["identity"], 2, 0, 0.25, seed=0)
+    monkeypatch.setitem(tt.SELECTION_BUILDERS, "identity", lambda rng, side: real(random.Random(0), side))
+    with pytest.raises(ValueError, match="distinct train prompts"):
+        generate_corpus(["identity"], 4, 0, 0.25, seed=0)  # 3 train prompts, all the same
 
 
 # ---------------------------------------------------------------- encoders

@@ -29,9 +29,44 @@ METRIC_CAPABILITIES = {
     "gap": REGISTER_CAPABILITIES,
     "vader_gap": ("affect",),  # VADER measures affect only
     "conflict": REGISTER_CAPABILITIES,  # the response follows the channel, not the contradicting text
+    "conflict_pair": REGISTER_CAPABILITIES,  # both conflict rows of a prompt follow the channel (vs an arm only)
 }
-Metric = Literal["dominant", "directional", "gap", "vader_gap", "conflict"]
+Metric = Literal["dominant", "directional", "gap", "vader_gap", "conflict", "conflict_pair"]
 assert get_args(Metric) == tuple(METRIC_CAPABILITIES)
+
+# ---- eval arms beyond the profile's: follow-up turns add MARS's turn 0 answered with the channel cut --------
+CUT_ARM = "mars_cut"  # turn >= 1 only: MARS's own conversation, channels zeroed (the persistence contrast)
+
+# ---- verdicts: what "chance" means and the smallest effect a pre-registered test is meant to detect ------
+# (docs/methods.md, "Minimal effects"). Every effect is measured as its excess over the null value on its
+# test's own scale, so one number per hypothesis says what "an effect worth finding" is, fixed before the run:
+# - share: of the units where two values differ (decided prompts), the share favouring the claim; null 1/2.
+# - rate: a rate against its chance value (dominant 1/3, conflict 1/2).
+# - dz: a standardised mean (mean / sd of the per-prompt values or differences); null 0.
+CHANCE = {"dominant": 1.0 / 3.0, "conflict": 0.5}
+# conflict_pair has no valid chance level: a model that ignores the channel but defies the prompt's text with a
+# probability g that varies by prompt makes both rows "follow the channel" with probability E[g^2] >= 1/4
+# (bench/calibration.py measured a 9% false-positive rate at alpha 0.01 against 1/4). It is tested against an arm.
+CHANCE_UNDEFINED = ("conflict_pair",)
+EffectScale = Literal["share", "rate", "dz"]
+MIN_EFFECT_DEFAULT: dict[str, float] = {"share": 0.15, "rate": 0.15, "dz": 0.5}
+
+
+def effect_scale(metric: str, beats: str) -> EffectScale:
+    """The scale a hypothesis's effect (and its minimal effect) is measured on; `beats` is an arm or 'chance'."""
+    if metric in ("gap", "vader_gap"):
+        return "dz"
+    if beats != "chance" or metric == "directional":
+        return "share"
+    return "rate"
+
+
+def min_effect_bound(metric: str, beats: str) -> float:
+    """The largest minimal effect that can exist on that scale (exclusive): shares and rates end at 1."""
+    scale = effect_scale(metric, beats)
+    if scale == "dz":
+        return 5.0
+    return 0.5 if scale == "share" else 1.0 - CHANCE[metric]
 
 # ---- channels (a capability's state as the model reads it) -----------------------------------------
 TEXT_CHANNELS = SELECTION_CAPABILITIES  # their state is a text, sentence-embedded by the channels stage

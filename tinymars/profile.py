@@ -19,16 +19,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tinymars.artifacts import hash_json
 from tinymars.domain import (
     CAPABILITIES,
+    CHANCE_UNDEFINED,
     CONCEPTS,
     DECODER_REQUIRED,
     METRIC_CAPABILITIES,
     MIN_DIMS,
+    MIN_EFFECT_DEFAULT,
     RESERVED_PIECES,
     TEXT_CHANNELS,
     VOCAB_ARCH_KEYS,
     VOCAB_SPEC_KEYS,
     Capability,
     Metric,
+    effect_scale,
+    min_effect_bound,
 )
 from tinymars.prices import lookup
 from tinymars.stages import ORDER as STAGES
@@ -131,6 +135,15 @@ class CorpusSection(Section):
     heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
     seed: int = 0
     replay: ReplaySource | None = None
+    # Held out means held out (corpus.overlap): the stage measures held-out targets against train targets and
+    # fails above these limits, before publishing the corpus.
+    max_exact_duplicate_targets: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="most held-out targets whose words equal a train target's (case, punctuation folded)")
+    max_near_duplicate_rate: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.05, description="most share of a capability's held-out targets that near-duplicate a train target")
+    near_duplicate_jaccard: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=0.5, description="word 3-gram Jaccard with the nearest train target from which a held-out target "
+                                 "is a near duplicate")
 
     @field_validator("capabilities")
     @classmethod
@@ -283,7 +296,9 @@ class TrainRecipe(Section):
 
     `TrainSection.recipe()` builds it from a validated profile; the train stage serialises it into the
     trainer's job file and `models.train_cli` reads it back as this same type, so a default lives here
-    and nowhere else. `batch_size` is rows per optimizer step over all devices and accumulation steps.
+    and nowhere else. `batch_size` is sequences per optimizer step over all devices and accumulation
+    steps: windows of seq_len positions packed with whole rows (`packing`, the default), or rows, one per
+    sequence (`packing: false`, and the adapter, which cannot read windows).
     """
 
     device: Literal["auto", "cpu", "cuda", "xla"] = "auto"
@@ -297,6 +312,9 @@ class TrainRecipe(Section):
     keep_checkpoints: Annotated[int, Field(ge=1)] = 2
     steps: Annotated[int, Field(ge=1)]
     batch_size: Annotated[int, Field(ge=1)] = 16
+    packing: bool = Field(default=True, description="true: each sequence is a window of seq_len positions filled "
+                          "with whole rows (nothing crosses a row; >= 95% real tokens once seq_len holds a few "
+                          "rows); false: one row per sequence, padded")
     lr: Annotated[float, Field(gt=0, le=1)] = 3e-3
     min_lr_frac: Annotated[float, Field(ge=0, le=1)] = 0.1
     warmup_steps: Annotated[int, Field(ge=0)] = 20
@@ -307,6 +325,9 @@ class TrainRecipe(Section):
     log_every: Annotated[int, Field(ge=1)] = 10
     eval_every: Annotated[int, Field(ge=1)] = 100
     seed: int = 0
+    channel_control: Literal["real", "permuted"] = Field(
+        default="real", description="permuted: the negative control; each train row gets another row's channel "
+                                    "vectors (models.controls), so the channel carries no information")
 
     @model_validator(mode="after")
     def _recipe_consistent(self) -> TrainRecipe:
@@ -371,11 +392,24 @@ class HypothesisSpec(Section):
     arm: Arm = "mars"
     beats: Arm | Literal["chance"]
     alpha: Annotated[float, Field(gt=0, lt=1)] = 0.01
+    min_effect: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="the smallest effect worth finding, as its excess over the null on the test's "
+        "scale (share of decided prompts above 1/2, rate above chance, or standardised mean dz); it sets the "
+        "a-priori n for 80% power and when a null result is 'not supported'. Default per scale: "
+        "share 0.15, rate 0.15, dz 0.5 (docs/methods.md)")
 
     @model_validator(mode="after")
     def _coherent(self) -> HypothesisSpec:
         if self.beats == self.arm:
             raise ValueError(f"hypothesis {self.id}: beats must differ from arm ('{self.arm}')")
+        if self.beats == "chance" and self.metric in CHANCE_UNDEFINED:
+            raise ValueError(f"hypothesis {self.id}: {self.metric} has no valid chance level (a model that ignores "
+                             "the channel can exceed 1/4, docs/methods.md); compare it with an arm: beats: ablated")
+        if self.min_effect is not None and self.min_effect >= min_effect_bound(self.metric, self.beats):
+            scale = effect_scale(self.metric, self.beats)
+            raise ValueError(f"hypothesis {self.id}: min_effect {self.min_effect} is impossible on the {scale} scale "
+                             f"of {self.metric} vs {self.beats}; use a value below "
+                             f"{min_effect_bound(self.metric, self.beats):.3g} (default {MIN_EFFECT_DEFAULT[scale]})")
         allowed = METRIC_CAPABILITIES[self.metric]
         if "steer" in (self.arm, self.beats) and not set(allowed) & set(CONCEPTS):
             raise ValueError(f"hypothesis {self.id}: the steer arm carries only affect, time and ethics; "
@@ -429,6 +463,11 @@ class EvalSection(Section):
                 "bootstrap_seed": self.bootstrap_seed, "bootstrap_resamples": self.bootstrap_resamples,
                 "persistence_segments": self.persistence_segments}
 
+    def generation(self) -> dict[str, Any]:
+        """What the responses depend on (the generate stage's key): every field but the scoring settings,
+        so a change of alpha, hypotheses or bootstrap re-scores saved generations and never regenerates."""
+        return self.model_dump(mode="json", exclude=set(self.scoring()))
+
 
 class ReportSection(Section):
     title: str = "tinyMARS iteration"
@@ -459,6 +498,10 @@ class SteeringSection(Section):
                                  "layer's mean residual norm (readout.json layer_norms) x the unit direction")
     max_pairs: Annotated[int, Field(ge=2)] = 64
     subspace_k: Annotated[int, Field(ge=1)] = 5
+    # 0.2: on planted directions (3-6 relevant of 32 dims, 20 seeds) it zeroed >= 20/26 noise dims, no relevant one
+    l1_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        default=0.2, description="logistic_l1's L1 strength as a fraction of the strength that zeroes every "
+                                 "weight (relative to the data's own scale); higher: sparser vectors")
     batch_size: Annotated[int, Field(ge=1)] = 32
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

@@ -1,13 +1,14 @@
-"""Eval stage: every arm's generations on the held-out rows, the model-side measurements, and the scores.
+"""Generate stage: every arm's responses on the held-out rows, and the measurements that need the model.
 
-The artifact holds everything `tinymars score` needs to reproduce the scores with no model:
+The artifact is everything the score stage (and `tinymars score`) needs from the model, and nothing
+that depends on the statistics, so a re-scoring never regenerates:
 - `generations.jsonl`: one record per (row, arm, turn), sorted keys (scorers.evaluate documents it);
-- `settings.json`: the scoring settings the profile pre-registered (alpha, hypotheses, bootstrap seed);
-- `measurements.json`: what needed the model (held-out losses per model, the ReZero gates);
-- `scores.json`: `scorers.evaluate.score_all(generations, settings, measurements)`.
+- `measurements.json`: held-out losses per model (relief valve), the ReZero gates, and how the STEER arm
+  was injected.
 
-With the `steer` arm the steer stage's readout is an input, and the arm's injection settings
-(steering.arm_layer, steering.multiplier) join the eval key: they change the generations, not the readout.
+Key: the eval section's generation fields (`EvalSection.generation()`: model, arms, decoding, follow-up
+turns), the resolved evaluated model, the steer arm's injection settings when it runs, the inputs' content
+hashes and the libraries that shape the responses (tasks.common.STAGE_LIBRARIES).
 """
 
 from __future__ import annotations
@@ -24,9 +25,20 @@ from corpus.rows import read_rows
 from tasks.common import artifact_of, logger, run_stage
 from tinymars.profile import Profile
 
+GENERATIONS = "generations.jsonl"
+MEASUREMENTS = "measurements.json"
 
-@task(name="eval", cache_policy=NO_CACHE)
-def eval_task(
+
+def generate_key_section(profile: Profile) -> dict[str, Any]:
+    """The part of the profile the responses depend on (and nothing the scorers read)."""
+    section = {**profile.eval.generation(), "model": profile.eval_model()}
+    if "steer" in profile.eval.arms:
+        section["steer_arm"] = {"arm_layer": profile.steering.arm_layer, "multiplier": profile.steering.multiplier}
+    return section
+
+
+@task(name="generate", cache_policy=NO_CACHE)
+def generate_task(
     profile: Profile,
     home: str,
     corpus: dict[str, Any],
@@ -49,9 +61,6 @@ def eval_task(
         **{f"model:{name}": artifact_of(res) for name, res in sorted(trained.items())},
         **({"steer": artifact_of(steer)} if steering else {}),
     }
-    key_section = profile.section("eval")
-    if steering:
-        key_section["steer_arm"] = {"arm_layer": profile.steering.arm_layer, "multiplier": profile.steering.multiplier}
 
     def build(out: Path) -> dict[str, Any]:
         import torch
@@ -63,7 +72,6 @@ def eval_task(
         from models.generate import Sampling
         from models.measure import gate_summary, relief_losses
         from models.steer_hook import load_steer_arm
-        from scorers.evaluate import headline_metrics, score_all
         from scorers.io import write_json, write_jsonl
 
         log = logger()
@@ -79,29 +87,24 @@ def eval_task(
         arm = load_steer_arm(Path(inputs["steer"].path), profile.steering.arm_layer,
                              profile.steering.multiplier) if steering else None
         if arm is not None:
-            log.info(f"[eval] steer arm: layer {arm.layer} ({arm.layer_rule}), multiplier {arm.multiplier}, "
+            log.info(f"[generate] steer arm: layer {arm.layer} ({arm.layer_rule}), multiplier {arm.multiplier}, "
                      f"method {arm.method}, layer norm {arm.layer_norm:.2f}")
         records = generate_arms(
             models[target], tok, rows, mats, meta["channel_names"], meta["channel_dim"], index,
             list(section.arms), section.max_new_tokens, section.batch_size,
-            progress=lambda m: log.info(f"[eval] {m}"),
+            progress=lambda m: log.info(f"[generate] {m}"),
             sampling=Sampling(temperature=s.temperature, top_k=s.top_k, seed=s.seed),
             fixed_shape=section.fixed_shape, followup_turns=section.followup_turns,
             followup=section.followup_prompt, steer=arm,
         )
-        write_jsonl(out / "generations.jsonl", records)
+        write_jsonl(out / GENERATIONS, records)
 
-        log.info("[eval] relief valve: held-out target loss per model")
+        log.info("[generate] relief valve: held-out target loss per model")
         heldout = load_split([Path(inputs["pack"].path) / n for n in meta["shards"]["heldout"]])
         relief = relief_losses(models, heldout, section.batch_size, meta["seq_len"], meta["pad_id"])
         gates = gate_summary(models[target], meta["channel_names"])
-        measurements = {"model": target, "relief": relief, "gates": gates,
-                        **({"steer": arm.describe()} if arm is not None else {})}
-        settings = section.scoring()
-        write_json(out / "settings.json", settings)
-        write_json(out / "measurements.json", measurements)
-        scores = score_all(records, settings, measurements)
-        write_json(out / "scores.json", scores)
-        return {"rows": len(records), "meta": {"metrics": headline_metrics(scores)}}
+        write_json(out / MEASUREMENTS, {"model": target, "relief": relief, "gates": gates,
+                                        **({"steer": arm.describe()} if arm is not None else {})})
+        return {"rows": len(records), "meta": {"metrics": {"generations": len(records)}}}
 
-    return run_stage("eval", home, key_section, inputs, build, force)
+    return run_stage("generate", home, generate_key_section(profile), inputs, build, force)

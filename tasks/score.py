@@ -1,0 +1,44 @@
+"""Score stage: every figure and verdict of the evaluation, from the generate artifact alone (no model).
+
+Pure and cheap, so changing alpha, a hypothesis or the bootstrap re-runs only this stage and the report.
+The artifact:
+- `settings.json`: the scoring settings the profile pre-registered (`EvalSection.scoring()`);
+- `scores.json`: `scorers.evaluate.score_all(generations, settings, measurements)`, which the report renders.
+
+Key: the scoring settings, the scorer code (all of scorers/), the numeric libraries' versions and the
+generate artifact's content hash. `tinymars score` recomputes `scores.json` offline from the same files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.common import artifact_of, run_stage
+from tinymars.profile import Profile
+
+SETTINGS = "settings.json"
+SCORES = "scores.json"
+
+
+@task(name="score", cache_policy=NO_CACHE)
+def score_task(profile: Profile, home: str, generation: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    settings = profile.eval.scoring()
+    inputs = {"generate": artifact_of(generation)}
+
+    def build(out: Path) -> dict[str, Any]:
+        from scorers.evaluate import headline_metrics, score_all
+        from scorers.io import read_generations, write_json
+
+        records = read_generations(inputs["generate"].file("generations.jsonl"))
+        measurements = json.loads(inputs["generate"].file("measurements.json").read_text())
+        scores = score_all(records, settings, measurements)
+        write_json(out / SETTINGS, settings)
+        write_json(out / SCORES, scores)
+        return {"meta": {"metrics": headline_metrics(scores)}}
+
+    return run_stage("score", home, settings, inputs, build, force)
