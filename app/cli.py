@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from app.budget import budget_lines
 from app.common import (
     call_flow,
     fail,
@@ -105,6 +106,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return fail(str(exc))
     print(f"profile '{prof.name}' is valid (hash {prof.hash()[:12]})")
     print("\n".join(power_lines(prof)))
+    print("\n".join(budget_lines(prof)))
     if reason := runnable_here(prof):
         print(f"note: cannot run here: {reason}")
     return 0

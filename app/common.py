@@ -73,6 +73,10 @@ def preflight(profile_arg: str, overrides: list[str], refresh: list[str]) -> Pro
         check_runnable(prof.corpus)
     except ValueError as exc:
         raise ProfileError(str(exc)) from None
+    from corpus.budget import budget_problems, token_budget
+
+    if problems := budget_problems(token_budget(prof)):  # what the run would meet after paying for the corpus
+        raise ProfileError("\n".join(problems))
     return prof
 
 
@@ -85,7 +89,9 @@ def missing_device(prof: Profile) -> str | None:
     """A device the profile names that this machine lacks (training dispatched to a work pool is not checked)."""
     import importlib.util
 
-    wants_cuda = {"channels.embedder.device": prof.channels.embedder.device}
+    wants_cuda = {"channels.embedder.device": prof.channels.embedder.device, "eval.device": prof.eval.device}
+    if prof.eval.device == "xla" and importlib.util.find_spec("torch_xla") is None:
+        return "eval.device: 'xla' but torch_xla is not installed here; run on the TPU host, or use auto or cpu"
     if prof.orchestration.train_dispatch == "local":
         wants_cuda["train.device"] = prof.train.device
         if prof.train.device == "xla" and importlib.util.find_spec("torch_xla") is None:

@@ -112,6 +112,7 @@ def pack_rows(
         "seq_len": seq_len,
         "channel_names": names,
         "channel_dim": dim,
+        "channel_dims": [int(channels[n].shape[1]) for n in names],  # each channel's own width (per-channel encoders)
         "vocab_size": tok.vocab_size,
         "pad_id": tok.pad_id,
         "bos_id": tok.bos_id,

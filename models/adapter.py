@@ -34,7 +34,7 @@ from models.config import ModelConfig, check_keys
 from models.gpt import ChannelDecoder, ChannelEncoder, ChannelInjection, masked_cross_entropy, rms_norm
 from models.weights import META, WEIGHTS, check_sha, load_weights
 
-ADAPTER_KEYS = frozenset({"base", "adapter", "channel_tokens", "n_head", "drop"})
+ADAPTER_KEYS = frozenset({"base", "adapter", "channel_tokens", "channel_dims", "n_head", "drop"})
 KINDS = ("cross_attn", "film")
 # Submodules a text-only forward never uses; dropped (set to None) before the device move.
 UNUSED_TOWERS = ("vision_tower", "audio_tower", "vision_model", "audio_model", "multi_modal_projector",
@@ -142,7 +142,8 @@ class AdapterLM(nn.Module):
     """A frozen base plus per-block channel adapters; `forward` matches ChannelDecoder's."""
 
     def __init__(self, base: nn.Module, base_info: dict[str, Any], kind: str, channel_names: Sequence[str],
-                 channel_dim: int, channel_tokens: int, seq_len: int, n_head: int | None = None):
+                 channel_dim: int, channel_tokens: int, seq_len: int, n_head: int | None = None,
+                 channel_dims: Sequence[int] | None = None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"adapter kind {kind!r}: expected one of {', '.join(KINDS)}")
@@ -153,7 +154,7 @@ class AdapterLM(nn.Module):
         self.base_info = base_info
         self.kind, self.channel_names, self.channel_dim, self.seq_len = kind, tuple(channel_names), channel_dim, seq_len
         width, C = base_info["width"], len(channel_names)
-        self.encoder = ChannelEncoder(C, channel_dim, channel_tokens, width)
+        self.encoder = ChannelEncoder(C, channel_dim, channel_tokens, width, channel_dims)  # sized per channel
         heads = n_head or base_info["n_head"]
         self.adapters = nn.ModuleList(
             ChannelInjection(width, heads, C) if kind == "cross_attn" else FiLMInjection(width, C)
@@ -270,7 +271,8 @@ class AdapterLM(nn.Module):
 
 def build_adapter(spec: dict[str, Any], *, vocab_size: int, seq_len: int, channel_names: Sequence[str],
                   channel_dim: int) -> AdapterLM:
-    """spec: base (path), adapter (cross_attn | film, default cross_attn), channel_tokens, n_head, drop.
+    """spec: base (path), adapter (cross_attn | film, default cross_attn), channel_tokens, channel_dims, n_head,
+    drop.
 
     Under `torch.device("meta")` (parameter counting) the base is built from its config, not loaded.
     """
@@ -284,4 +286,4 @@ def build_adapter(spec: dict[str, Any], *, vocab_size: int, seq_len: int, channe
         raise ValueError(f"adapter base {spec['base']}: handles {info['max_seq_len']} positions, the data has "
                          f"seq_len {seq_len}; lower pack.seq_len")
     return AdapterLM(base, info, spec.get("adapter", "cross_attn"), channel_names, channel_dim,
-                     spec.get("channel_tokens", 2), seq_len, spec.get("n_head"))
+                     spec.get("channel_tokens", 2), seq_len, spec.get("n_head"), spec.get("channel_dims"))

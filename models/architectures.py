@@ -25,6 +25,7 @@ Builder = Callable[..., nn.Module]
 ARCHITECTURES: dict[str, Builder] = {}
 
 DECODER_KEYS = frozenset({"n_layer", "n_head", "d_model", "mlp_ratio", "dropout"})
+NATIVE_KEYS = frozenset({"channel_tokens", "channel_dims"})
 
 
 def architecture(name: str) -> Callable[[Builder], Builder]:
@@ -42,10 +43,15 @@ def architecture(name: str) -> Callable[[Builder], Builder]:
 @architecture("native")
 def build_native(spec: dict[str, Any], *, vocab_size: int, seq_len: int, channel_names: Sequence[str],
                  channel_dim: int) -> ChannelDecoder:
-    check_keys(spec, DECODER_KEYS | {"channel_tokens"}, DECODER_REQUIRED)
+    """The channel decoder. `channel_dims` (one width per channel, models.sizing fills it in from the profile)
+    sizes each channel's encoder to its own width; left out, every channel is `channel_dim` wide."""
+    check_keys(spec, DECODER_KEYS | NATIVE_KEYS, DECODER_REQUIRED)
     if not channel_names:
         raise ValueError("arch 'native' needs at least one channel (channel_names is empty)")
-    kw = {k: spec[k] for k in DECODER_KEYS | {"channel_tokens"} if k in spec}
+    kw = {k: spec[k] for k in DECODER_KEYS | NATIVE_KEYS if k in spec}
+    if "channel_dims" in kw and len(kw["channel_dims"]) != len(channel_names):
+        raise ValueError(f"spec channel_dims {list(kw['channel_dims'])}: needs one width per channel "
+                         f"{list(channel_names)}; leave it out to size every channel channel_dim ({channel_dim})")
     return ChannelDecoder(ModelConfig(vocab_size=vocab_size, seq_len=seq_len,
                                       channel_names=tuple(channel_names), channel_dim=channel_dim, **kw))
 
@@ -54,7 +60,7 @@ def build_native(spec: dict[str, Any], *, vocab_size: int, seq_len: int, channel
 def build_baseline(spec: dict[str, Any], *, vocab_size: int, seq_len: int, channel_names: Sequence[str] = (),
                    channel_dim: int = 0) -> ChannelDecoder:
     """The same decoder with no channels; channel fields are accepted (shared profiles) and ignored."""
-    check_keys(spec, DECODER_KEYS | {"channel_tokens"}, DECODER_REQUIRED)
+    check_keys(spec, DECODER_KEYS | NATIVE_KEYS, DECODER_REQUIRED)
     kw = {k: spec[k] for k in DECODER_KEYS if k in spec}
     return ChannelDecoder(ModelConfig(vocab_size=vocab_size, seq_len=seq_len, **kw))
 
@@ -95,12 +101,20 @@ def build_info(model: nn.Module) -> dict[str, Any]:
             "n_head": cfg.n_head, "d_model": cfg.d_model, "mlp_ratio": cfg.mlp_ratio, "dropout": cfg.dropout}
     if cfg.has_channels:
         spec["channel_tokens"] = cfg.channel_tokens
+    if cfg.channel_dims:
+        spec["channel_dims"] = list(cfg.channel_dims)
     return {"arch": spec["arch"], "spec": spec, "vocab_size": cfg.vocab_size, "seq_len": cfg.seq_len,
             "channel_names": list(cfg.channel_names), "channel_dim": cfg.channel_dim, "seed": None}
 
 
 def count_params(model: nn.Module) -> int:
+    """Every parameter of the module tree (an adapter keeps its frozen base outside it)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def count_trainable(model: nn.Module) -> int:
+    """The parameters the optimizer updates: equal to count_params when nothing counted is frozen."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 architecture("adapter")(build_adapter)

@@ -33,19 +33,25 @@ class ModelConfig:
     d_model: int
     mlp_ratio: float = 4.0
     channel_names: tuple[str, ...] = ()
-    channel_dim: int = 0
+    channel_dim: int = 0  # the width channel vectors arrive in: the widest channel's, the rest zero-padded
     channel_tokens: int = 2
     dropout: float = 0.0
+    channel_dims: tuple[int, ...] = ()  # each channel's own width (<= channel_dim); empty: all channel_dim
 
     def __post_init__(self) -> None:
         # JSON round trips turn tuples into lists; keep the dataclass hashable and comparable.
         self.channel_names = tuple(self.channel_names)
+        self.channel_dims = tuple(int(d) for d in self.channel_dims)
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         if (self.d_model // self.n_head) % 2:
             raise ValueError("head dim must be even for RoPE")
         if self.channel_names and (self.channel_dim <= 0 or self.channel_tokens <= 0):
             raise ValueError("a channel model needs channel_dim > 0 and channel_tokens > 0")
+        if self.channel_dims and (len(self.channel_dims) != self.n_channels
+                                  or not all(1 <= d <= self.channel_dim for d in self.channel_dims)):
+            raise ValueError(f"channel_dims {list(self.channel_dims)}: give one width in 1..channel_dim "
+                             f"({self.channel_dim}) per channel {list(self.channel_names)}")
 
     @property
     def n_channels(self) -> int:
@@ -58,6 +64,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["channel_names"] = list(self.channel_names)
+        d["channel_dims"] = list(self.channel_dims)
         return d
 
     @classmethod

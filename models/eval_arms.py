@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from corpus.encode import state_as_prompt_text
+from models.distributed import Runtime
 from models.generate import GREEDY, Sampling, generate
 from models.steer_hook import SteerArm
 from tinymars.domain import CUT_ARM
@@ -97,10 +98,12 @@ def generate_arms(
     followup_turns: int = 0,
     followup: str = "",
     steer: SteerArm | None = None,
+    runtime: Runtime | None = None,
 ) -> list[dict[str, Any]]:
     """One record per (row, arm, turn): the response and everything a scorer needs to re-score it offline.
 
     The `steer` arm needs `steer` (models.steer_hook.load_steer_arm) and answers only the rows it covers.
+    `runtime` (models.generate.eval_runtime): the device's autocast; the model must already be on that device.
     """
     if "steer" in arms and steer is None:
         raise ValueError("arm 'steer' needs the steering readout (steer=load_steer_arm(...))")
@@ -125,7 +128,7 @@ def generate_arms(
             progress(f"turn {turn}: generating {len(sel)} responses for arm {arm}")
             outs = generate(model, [ids[arm][j] for j in sel], chans, max_new_tokens, tok.eos_id, tok.pad_id,
                             batch_size=batch_size, sampling=sampling, fixed_shape=fixed_shape, prompt_len=prompt_len,
-                            steer=plan)
+                            steer=plan, runtime=runtime)
             for j, new in zip(sel, outs, strict=True):
                 i = index[j]
                 response = tok.decode(new)

@@ -16,16 +16,23 @@ data-dependent early stop), so the prefill and the step each compile once.
 
 `steer` (the STEER arm, models.steer_hook) adds a per-prompt vector to one block's output while a
 batch generates; padding rows of a fixed-shape batch get a zero vector.
+
+Device and precision: generation runs where the model's weights are; a `runtime` (`eval_runtime`, the
+same models.distributed.Runtime the trainer uses) adds its autocast: bf16 on accelerators, none on CPU,
+so CPU outputs are the plain fp32 ones. The KV cache then holds bf16 keys/values, and the logits are
+picked in fp32.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from models.distributed import Kind, Runtime, resolve_kind
 from models.steer_hook import Steering, add_to_residual
 
 
@@ -51,17 +58,57 @@ class Sampling:
 GREEDY = Sampling()
 
 
+def eval_kind(device: str = "auto", train_device: str = "auto") -> Kind:
+    """The device kind evaluation runs on. 'auto': the training device's kind when this machine has it
+    (XLA: torch_xla importable; CUDA: a visible GPU), else CUDA when visible, else CPU. An explicit
+    device this machine lacks is an error naming the field, raised before any work."""
+    if device == "auto":
+        kind = resolve_kind(train_device)
+        return kind if _available(kind) else resolve_kind("auto")
+    kind = resolve_kind(device)
+    if not _available(kind):
+        need = "a CUDA device torch can see" if kind == "cuda" else "torch_xla installed (a TPU/XLA host)"
+        raise ValueError(f"eval.device: {kind!r} needs {need}; set eval.device to auto or cpu")
+    return kind
+
+
+def _available(kind: Kind) -> bool:
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "xla":
+        return importlib.util.find_spec("torch_xla") is not None
+    return True
+
+
+def eval_runtime(kind: Kind, precision: str = "auto") -> Runtime:
+    """A one-process Runtime on `kind` for evaluation: its device, and bf16 autocast on accelerators
+    (precision 'auto'; 'fp32' turns it off, 'bf16' forces it, CPU included)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision {precision!r}: expected auto, fp32 or bf16")
+    bf16 = precision == "bf16" or (precision == "auto" and kind != "cpu")
+    if kind == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    elif kind == "xla":
+        import torch_xla
+
+        device = torch_xla.device()
+    else:
+        device = torch.device("cpu")
+    return Runtime(kind, device, bf16=bf16)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, prompts: list[list[int]], channels: Tensor | None, max_new_tokens: int,
              eos_id: int, pad_id: int, batch_size: int = 32, *, sampling: Sampling = GREEDY,
              fixed_shape: bool = False, use_cache: bool = True, prompt_len: int | None = None,
-             steer: Steering | None = None) -> list[list[int]]:
+             steer: Steering | None = None, runtime: Runtime | None = None) -> list[list[int]]:
     """Continuations (new tokens only, eos excluded), in the order of `prompts`.
 
     `channels` is [N, C, D] aligned with prompts, or None (zeros: the ablated state).
     `use_cache=False` recomputes the whole sequence every step (the benchmark's reference).
     `prompt_len` (fixed shape only) pads every prompt to this length; default: the longest prompt.
     `steer` adds its vector i to the residual stream of prompt i at every position (STEER arm).
+    `runtime` (eval_runtime) supplies the autocast; the model must already be on its device.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. bos)")
@@ -72,9 +119,12 @@ def generate(model: nn.Module, prompts: list[list[int]], channels: Tensor | None
     longest = max((len(p) for p in prompts), default=0)
     if prompt_len is not None and prompt_len < longest:
         raise ValueError(f"prompt_len {prompt_len} is shorter than the longest prompt ({longest} tokens)")
+    device = next(model.parameters()).device
+    if runtime is not None and runtime.device.type != device.type:
+        raise ValueError(f"the model is on {device} but the runtime on {runtime.device}; "
+                         f"move it first: model.to(runtime.device)")
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
@@ -84,7 +134,7 @@ def generate(model: nn.Module, prompts: list[list[int]], channels: Tensor | None
                        (prompt_len or longest) if fixed_shape else max(len(prompts[i]) for i in rows), pad_id)
         hook = nullcontext() if steer is None else \
             add_to_residual(model, steer.layer, steer.batch(rows, batch.idx.size(0)).to(device))
-        with hook:
+        with hook, runtime.autocast() if runtime is not None else nullcontext():
             new = _generate_batch(model, batch, max_new_tokens, eos_id, device, sampling, fixed_shape, use_cache)
         for i, tokens in zip(rows, new, strict=True):
             out[i] = tokens

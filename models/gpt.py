@@ -10,6 +10,8 @@ Notable choices
 - ReLU^2 MLP and QK-norm, as in nanochat: cheap, and stable at the high LRs a 2-minute CPU run needs.
 - Channels are all handled by einsums over a channel axis with static shapes (no per-channel
   Python loop), because data-dependent shapes made the XLA/TPU run 12x slower in the reference.
+  The encoder is sized per channel (a 2-d channel owns 2*K*M weights, not D*K*M; no weight only
+  ever multiplies padding): one einsum per distinct channel width, static slices of one weight.
 - The encoder and injections have no biases, so a zeroed channel contributes exactly nothing:
   "ABLATED" means the text-only path, whatever the gates learned.
 - Packed windows (models.data, `window=Window(...)`): attention is block-diagonal causal (SDPA with
@@ -24,7 +26,7 @@ Notable choices
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -106,6 +108,11 @@ def gather_rows(per_row: Tensor, slots: Tensor) -> Tensor:
     return per_row.flatten(0, 1).index_select(0, flat.flatten()).view(*slots.shape, *per_row.shape[2:])
 
 
+def _inverse(order: Sequence[int]) -> list[int]:
+    """The permutation that undoes `order` (position i of the result is where i went)."""
+    return sorted(range(len(order)), key=lambda i: order[i])
+
+
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate the two halves of each head by position-dependent angles. x: [B,T,H,E]."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -173,17 +180,48 @@ class SelfAttention(nn.Module):
 
 
 class ChannelEncoder(nn.Module):
-    """Project each channel's vector [D] to K tokens of width M: one einsum, weight [C,D,K,M].
+    """Project each channel's own D_c numbers to K tokens of width M; weights for real inputs only.
 
+    Channel vectors arrive zero-padded to the widest channel's D ([B,C,D], the pack format); channel c
+    reads its first D_c entries (`channel_dims`; left out, every channel is D wide). The one weight is
+    packed, [sum D_c, K, M], each channel owning D_c consecutive rows (grouped by width): a [C,D,K,M] weight would
+    give a 2-d affect channel D*K*M weights of which all but 2*K*M only ever multiply padding (they get
+    no gradient, never learn, yet were counted: 7.8M of iter7's native). Channels of one width share
+    one einsum; the loop over widths has static slices, so every shape stays static (one XLA graph).
     Sized by plain numbers (not a ModelConfig) so the frozen-base adapter reuses it at the base's width.
     """
 
-    def __init__(self, n_channels: int, channel_dim: int, channel_tokens: int, width: int):
+    def __init__(self, n_channels: int, channel_dim: int, channel_tokens: int, width: int,
+                 channel_dims: Sequence[int] | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_channels, channel_dim, channel_tokens, width))
+        dims = tuple(channel_dims) if channel_dims else (channel_dim,) * n_channels
+        if len(dims) != n_channels or not all(1 <= d <= channel_dim for d in dims):
+            raise ValueError(f"channel_dims {list(dims)}: give one width in 1..{channel_dim} per channel "
+                             f"({n_channels} channels)")
+        self.channel_dim, self.channel_dims, self.channel_tokens, self.width = channel_dim, dims, channel_tokens, width
+        # one group per distinct width: (width, its channels, its rows of the packed weight). Rows go group
+        # after group, so a group's weight is a slice; its channels are a slice too when they are adjacent.
+        self.groups: list[tuple[int, slice | list[int], slice]] = []
+        order, row = [], 0
+        for w in dict.fromkeys(dims):
+            chans = [c for c, d in enumerate(dims) if d == w]
+            adjacent = chans == list(range(chans[0], chans[-1] + 1))
+            self.groups.append((w, slice(chans[0], chans[-1] + 1) if adjacent else chans,
+                                slice(row, row + len(chans) * w)))
+            order, row = order + chans, row + len(chans) * w
+        self.unpermute = None if order == sorted(order) else _inverse(order)  # groups' order -> channel order
+        self.weight = nn.Parameter(torch.empty(sum(dims), channel_tokens, width))
 
     def forward(self, channels: Tensor) -> Tensor:
-        return torch.einsum("bcd,cdkm->bckm", channels, self.weight)
+        """channels [B,C,D] (zero-padded) -> tokens [B,C,K,M]."""
+        if tuple(channels.shape[1:]) != (len(self.channel_dims), self.channel_dim):
+            raise ValueError(f"channels [B,C,D] = {list(channels.shape)}: this encoder takes C = "
+                             f"{len(self.channel_dims)} channels zero-padded to D = {self.channel_dim}")
+        parts = [torch.einsum("bcd,cdkm->bckm", channels[:, chans, :w],
+                              self.weight[rows].view(-1, w, self.channel_tokens, self.width))
+                 for w, chans, rows in self.groups]
+        tokens = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return tokens if self.unpermute is None else tokens[:, self.unpermute]
 
 
 class ChannelInjection(nn.Module):
@@ -288,8 +326,8 @@ class ChannelDecoder(nn.Module):
         self.cfg = cfg
         head_dim = cfg.d_model // cfg.n_head
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.encoder = (ChannelEncoder(cfg.n_channels, cfg.channel_dim, cfg.channel_tokens, cfg.d_model)
-                        if cfg.has_channels else None)
+        self.encoder = (ChannelEncoder(cfg.n_channels, cfg.channel_dim, cfg.channel_tokens, cfg.d_model,
+                                       cfg.channel_dims or None) if cfg.has_channels else None)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -303,9 +341,9 @@ class ChannelDecoder(nn.Module):
         Exceptions, both so channels can be learned quickly from a cold start:
         - the injection's output projection is random, not zero: with the gate at 0 the gate's
           gradient is <dL/dy, proj(attn_c)>, which a zero proj would kill (a dead ReZero).
-        - the channel encoder uses std 1, not 1/sqrt(D): channel vectors are unit-norm embeddings
-          or a few numbers of order 1 zero-padded to D, so std 1 gives unit-scale tokens for a
-          2-d affect channel and a 384-d text channel alike (1/sqrt(D) would mute the small ones).
+        - the channel encoder uses std 1, not 1/sqrt(D_c): channel vectors are unit-norm embeddings
+          or a few numbers of order 1, so std 1 gives unit-scale tokens for a 2-d affect channel and
+          a 384-d text channel alike (1/sqrt(D_c) would mute the small ones).
         """
         for name, p in self.named_parameters():
             if name.endswith("gate"):
@@ -369,7 +407,9 @@ class ChannelDecoder(nn.Module):
     # ---- generation -----------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int, fixed: bool = False) -> KVCache:
         w = self.wte.weight
-        return KVCache(self.cfg, batch, max_len, w.device, w.dtype, fixed=fixed)
+        kind = w.device.type  # under autocast keys/values come out in its dtype (bf16): store them so
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else w.dtype
+        return KVCache(self.cfg, batch, max_len, w.device, dtype, fixed=fixed)
 
     def decode(self, idx: Tensor, cache: KVCache, channels: Tensor | None = None,
                valid: Tensor | None = None) -> Tensor:

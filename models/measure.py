@@ -4,37 +4,59 @@ Relief valve: the held-out target loss of every trained model, with its channels
 channel model, on), so the scorers can compare the native with channels zeroed against the
 channel-less baselines (scorers.relief). Every row is scored whole, in packed windows for models that
 read them (models.trainer.heldout_loss: the per-row numbers up to float rounding), so the native and
-the baselines are measured alike. Gates: the evaluated model's ReZero gate values per layer and
-channel, and their L2 norm. Both land in the eval artifact's `measurements.json`.
+the baselines are measured alike. The loss is taken at target positions only: a model that reads windows
+runs its head there alone (`return_logits=False`, as in training), so no [batch, seq, vocab] logits
+exist. With a `runtime` (models.generate.eval_runtime) each model is moved to its device in turn (one
+model on the accelerator at a time) and scored under its autocast (bf16 on accelerators).
+Gates: the evaluated model's ReZero gate values per layer and channel, and their L2 norm.
+Both land in the eval artifact's `measurements.json`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
 
 from models.data import PackedRows
+from models.distributed import Runtime
 from models.trainer import heldout_loss
 
 
 def relief_losses(models: Mapping[str, nn.Module], heldout: PackedRows, batch_size: int, seq_len: int,
-                  pad_id: int) -> dict[str, dict[str, Any]]:
+                  pad_id: int, *, runtime: Runtime | None = None) -> dict[str, dict[str, Any]]:
     """{model name: {has_channels, channels_zeroed: loss, channels_on: loss (channel models only)}}, by name.
 
     batch_size is sequences per forward: windows of seq_len for models that read them, rows otherwise.
+    Without a runtime each model is scored where it is, in fp32.
     """
-    kw = dict(batch_size=batch_size, seq_len=seq_len, pad_id=pad_id)
+    kw = dict(batch_size=batch_size, seq_len=seq_len, pad_id=pad_id, runtime=runtime)
     relief = {}
     for name, model in sorted(models.items()):
         has_channels = bool(getattr(getattr(model, "cfg", None), "has_channels", False))
-        relief[name] = {"has_channels": has_channels,
-                        "channels_zeroed": _finite(heldout_loss(model, heldout, zero_channels=True, **kw))}
-        if has_channels:
-            relief[name]["channels_on"] = _finite(heldout_loss(model, heldout, zero_channels=False, **kw))
+        with _placed(model, runtime):
+            relief[name] = {"has_channels": has_channels,
+                            "channels_zeroed": _finite(heldout_loss(model, heldout, zero_channels=True, **kw))}
+            if has_channels:
+                relief[name]["channels_on"] = _finite(heldout_loss(model, heldout, zero_channels=False, **kw))
     return relief
+
+
+@contextmanager
+def _placed(model: nn.Module, runtime: Runtime | None) -> Iterator[None]:
+    """The model on the runtime's device while scored, then back where it was."""
+    home = next(model.parameters()).device
+    if runtime is None or runtime.device == home:
+        yield
+        return
+    model.to(runtime.device)
+    try:
+        yield
+    finally:
+        model.to(home)
 
 
 def gate_summary(model: nn.Module, channel_names: Sequence[str]) -> dict[str, Any]:

@@ -7,8 +7,10 @@ that depends on the statistics, so a re-scoring never regenerates:
   was injected.
 
 Key: the eval section's generation fields (`EvalSection.generation()`: model, arms, decoding, follow-up
-turns), the resolved evaluated model, the steer arm's injection settings when it runs, the inputs' content
-hashes and the libraries that shape the responses (tasks.common.STAGE_LIBRARIES).
+turns), the resolved evaluated model, the resolved eval device kind (bf16 on an accelerator changes a
+greedy token now and then; `auto` and the kind it resolves to share a key), the steer arm's injection
+settings when it runs, the inputs' content hashes and the libraries that shape the responses
+(tasks.common.STAGE_LIBRARIES).
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ MEASUREMENTS = "measurements.json"
 
 def generate_key_section(profile: Profile) -> dict[str, Any]:
     """The part of the profile the responses depend on (and nothing the scorers read)."""
-    section = {**profile.eval.generation(), "model": profile.eval_model()}
+    from models.generate import eval_kind
+
+    section = {**profile.eval.generation(), "model": profile.eval_model(),
+               "device": eval_kind(profile.eval.device, profile.train.device)}
     if "steer" in profile.eval.arms:
         section["steer_arm"] = {"arm_layer": profile.steering.arm_layer, "multiplier": profile.steering.multiplier}
     return section
@@ -69,12 +74,14 @@ def generate_task(
         from models.checkpoint import load_model
         from models.data import load_split
         from models.eval_arms import generate_arms, select_eval_rows
-        from models.generate import Sampling
+        from models.generate import Sampling, eval_kind, eval_runtime
         from models.measure import gate_summary, relief_losses
         from models.steer_hook import load_steer_arm
         from scorers.io import write_json, write_jsonl
 
         log = logger()
+        rt = eval_runtime(eval_kind(section.device, profile.train.device))
+        log.info(f"[generate] on {rt.device_name} ({'bf16 autocast' if rt.bf16 else 'fp32'})")
         torch.manual_seed(0)
         rows = read_rows(inputs["corpus"].file("corpus.jsonl"))
         mats = load_channels(Path(inputs["channels"].path))
@@ -90,18 +97,19 @@ def generate_task(
             log.info(f"[generate] steer arm: layer {arm.layer} ({arm.layer_rule}), multiplier {arm.multiplier}, "
                      f"method {arm.method}, layer norm {arm.layer_norm:.2f}")
         records = generate_arms(
-            models[target], tok, rows, mats, meta["channel_names"], meta["channel_dim"], index,
+            models[target].to(rt.device), tok, rows, mats, meta["channel_names"], meta["channel_dim"], index,
             list(section.arms), section.max_new_tokens, section.batch_size,
             progress=lambda m: log.info(f"[generate] {m}"),
             sampling=Sampling(temperature=s.temperature, top_k=s.top_k, seed=s.seed),
             fixed_shape=section.fixed_shape, followup_turns=section.followup_turns,
-            followup=section.followup_prompt, steer=arm,
+            followup=section.followup_prompt, steer=arm, runtime=rt,
         )
+        models[target].cpu()  # the relief pass below places one model at a time
         write_jsonl(out / GENERATIONS, records)
 
         log.info("[generate] relief valve: held-out target loss per model")
         heldout = load_split([Path(inputs["pack"].path) / n for n in meta["shards"]["heldout"]])
-        relief = relief_losses(models, heldout, section.batch_size, meta["seq_len"], meta["pad_id"])
+        relief = relief_losses(models, heldout, section.batch_size, meta["seq_len"], meta["pad_id"], runtime=rt)
         gates = gate_summary(models[target], meta["channel_names"])
         write_json(out / MEASUREMENTS, {"model": target, "relief": relief, "gates": gates,
                                         **({"steer": arm.describe()} if arm is not None else {})})

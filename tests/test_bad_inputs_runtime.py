@@ -80,10 +80,25 @@ def _replay(tmp: Path, name: str, data: bytes) -> list[str]:
     return ["--only", "corpus", "--set", f"corpus.replay={{source: '{path}'}}"]
 
 
+def test_vocab_larger_than_the_corpus_is_refused_before_work_and_by_the_stage(capsys, good) -> None:
+    """`tinymars run` refuses it in preflight (exit 2, nothing started); a flow started around the CLI (a
+    deployment) still meets the tokenizer stage's own check, which names the same fix."""
+    from flows.iteration import iteration
+
+    runs_before = len(Lineage(good["home"] / "lineage.duckdb").runs(100))
+    code = main(["run", "--profile", good["profile"], "--home", str(good["home"]), "--only", "tokenizer",
+                 "--set", "tokenizer.vocab_size=60000"])
+    err = capsys.readouterr().err
+    assert code == 2 and "tokenizer.vocab_size: 60000 is more than this corpus's text can support" in err, err
+    assert len(Lineage(good["home"] / "lineage.duckdb").runs(100)) == runs_before  # refused before any run
+    with pytest.raises(Exception, match="tokenizer.vocab_size: 60000 is larger than this corpus supports"):
+        iteration(profile=good["profile"], home=str(good["home"]), overrides=["tokenizer.vocab_size=60000"],
+                  only="tokenizer")
+    assert _snapshot(good["home"]) == good["before"]
+    good["failed_runs"] += 1
+
+
 STAGE_CASES = {
-    "vocab-larger-than-corpus": (["--only", "tokenizer", "--set", "tokenizer.vocab_size=60000"],
-                                 ["TokenizerError: tokenizer.vocab_size: 60000 is larger than this corpus supports "
-                                  "(at most ", "lower tokenizer.vocab_size or generate a larger corpus"]),
     "vocab-too-small-for-corpus-chars": (["--only", "tokenizer", "--set", "tokenizer.vocab_size=280"],
                                          ["tokenizer.vocab_size: 280 is too small for this corpus: its characters and "
                                           "the reserved pieces need at least ", "raise tokenizer.vocab_size"]),

@@ -159,3 +159,103 @@ def test_generate_arms_records_every_arm_and_turn() -> None:
     assert all(r["response_tokens"] <= 6 and isinstance(r["response"], str) for r in recs)
     # the channel reaches MARS only: with lively gates its responses differ from ABLATED's somewhere
     assert any(by[(r["row_id"], "mars", 0)]["response"] != by[(r["row_id"], "ablated", 0)]["response"] for r in ROWS)
+
+
+# ------------------------------------------------------------------ eval device and precision
+def test_cpu_runtime_leaves_the_greedy_records_unchanged() -> None:
+    """The eval runtime on CPU is fp32 with no autocast: every record equals the plain (pre-runtime) path's."""
+    from models.generate import eval_runtime
+
+    rt = eval_runtime("cpu")
+    assert (rt.kind, rt.bf16, rt.device.type) == ("cpu", False, "cpu")
+    mats = {"a": np.random.default_rng(0).normal(size=(2, 2)).astype(np.float32),
+            "b": np.random.default_rng(1).normal(size=(2, D)).astype(np.float32)}
+    for fixed in (False, True):
+        args = (lively_model(), FakeTok(), ROWS, mats, ["a", "b"], D, [0, 1], ["mars", "ablated"], 5, 4)
+        kw = dict(followup_turns=1, followup="More?", fixed_shape=fixed)
+        torch.manual_seed(0)
+        plain = generate_arms(*args, **kw)
+        torch.manual_seed(0)
+        assert generate_arms(*args, **kw, runtime=rt) == plain
+
+
+def test_bf16_runtime_decodes_through_a_bf16_cache(setup) -> None:
+    """bf16 autocast (what accelerators get): the cache stores bf16 keys/values, and cached decoding, fixed
+    shapes and a full recompute every step still agree token for token."""
+    from models.generate import eval_runtime
+
+    model, prompts, ch = setup
+    rt = eval_runtime("cpu", precision="bf16")
+    with rt.autocast():
+        assert model.new_cache(2, 5).k.dtype == torch.bfloat16
+    assert model.new_cache(2, 5).k.dtype == torch.float32  # outside autocast: the weights' dtype
+    want = generate(model, prompts, ch, 6, -1, PAD, batch_size=3, runtime=rt)
+    assert generate(model, prompts, ch, 6, -1, PAD, batch_size=3, runtime=rt, use_cache=False) == want
+    assert generate(model, prompts, ch, 6, -1, PAD, batch_size=4, runtime=rt, fixed_shape=True) == want
+    assert all(len(w) == 6 and all(0 <= t < V for t in w) for w in want)
+
+
+def test_eval_device_resolution_and_bad_devices() -> None:
+    from models.distributed import Runtime, resolve_kind
+    from models.generate import eval_kind, eval_runtime
+
+    assert eval_kind("auto", "cpu") == "cpu" and eval_kind("cpu", "cuda") == "cpu"
+    assert eval_kind("auto", "auto") == resolve_kind("auto")
+    if not torch.cuda.is_available():
+        assert eval_kind("auto", "cuda") == "cpu"  # trained on a GPU, evaluated where there is none
+        with pytest.raises(ValueError, match="eval.device: 'cuda' needs a CUDA device"):
+            eval_kind("cuda", "auto")
+    import importlib.util
+
+    if importlib.util.find_spec("torch_xla") is None:
+        assert eval_kind("auto", "xla") == resolve_kind("auto")
+        with pytest.raises(ValueError, match="eval.device: 'xla' needs torch_xla"):
+            eval_kind("xla", "xla")
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        eval_runtime("cpu", precision="fp16")
+    model = lively_model()
+    elsewhere = Runtime("cuda", torch.device("cuda", 0), bf16=True)
+    with pytest.raises(ValueError, match=r"model.to\(runtime.device\)"):
+        generate(model, [[5, 6]], None, 2, EOS, PAD, runtime=elsewhere)
+
+
+def test_generate_key_holds_the_resolved_eval_device() -> None:
+    from tasks.generate import generate_key_section
+    from tinymars.profile import load_profile
+
+    tiny = load_profile("tiny", [])
+    assert tiny.train.device == "cpu" and tiny.eval.device == "auto"
+    assert generate_key_section(tiny)["device"] == "cpu"
+    assert generate_key_section(load_profile("tiny", ["eval.device=cpu"])) == generate_key_section(tiny)
+
+
+def test_relief_losses_on_the_eval_runtime_match_a_row_by_row_reference() -> None:
+    """Packed windows, head at target positions only, on the eval runtime: the same totals as scoring each row
+    alone with full logits and a hand-masked cross-entropy."""
+    import torch.nn.functional as F
+
+    from models.data import PackedRows
+    from models.generate import eval_runtime
+    from models.measure import relief_losses
+
+    model, rng = lively_model(), np.random.default_rng(4)
+    lengths = [5, 11, 3, 8, 14, 6]
+    ids = [rng.integers(5, V, n + 1).astype(np.int32) for n in lengths]
+    masks = [(np.arange(n + 1) >= n // 2).astype(np.int8) for n in lengths]
+    chans = rng.normal(size=(len(lengths), C, D)).astype(np.float32)
+    rows = PackedRows([f"r{i}" for i in range(6)], [f"p{i}" for i in range(6)], ["affect"] * 6, ids, masks, chans,
+                      np.full(6, 10, np.int64))
+    got = relief_losses({"native": model}, rows, 2, 32, PAD, runtime=eval_runtime("cpu"))["native"]
+    assert got == relief_losses({"native": model}, rows, 2, 32, PAD)["native"]  # CPU runtime: the plain fp32 path
+    with torch.no_grad():
+        for key, zero in (("channels_zeroed", True), ("channels_on", False)):
+            nats = tokens = 0.0
+            for seq, mask, ch in zip(ids, masks, chans, strict=True):
+                c = torch.zeros(1, C, D) if zero else torch.from_numpy(ch)[None]
+                logits = model(torch.from_numpy(seq[:-1]).long()[None], c)[0][0]
+                ce = F.cross_entropy(logits, torch.from_numpy(seq[1:]).long(), reduction="none")
+                nats += float((ce * torch.from_numpy(mask[1:]).float()).sum())
+                tokens += float(mask[1:].sum())
+            assert got[key]["tokens"] == tokens
+            assert got[key]["total_nats"] == pytest.approx(nats, rel=1e-5)
+    assert got["channels_on"]["total_nats"] != pytest.approx(got["channels_zeroed"]["total_nats"], rel=1e-4)

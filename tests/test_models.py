@@ -441,7 +441,9 @@ def test_model_specs_validate_per_arch() -> None:
     from tinymars.profile import ModelSpec
 
     assert ModelSpec(name="b", arch="baseline", bracket="above").n_layer is None
-    for bad, msg in [({"arch": "baseline", "bracket": "below", "n_layer": 3}, "remove n_layer or bracket"),
+    assert ModelSpec(name="b", arch="baseline", bracket="above", n_layer=3).d_model is None  # width sized
+    for bad, msg in [({"arch": "baseline", "bracket": "below", "n_layer": 3, "d_model": 32},
+                      "bracket sizes n_layer or d_model; give at most one of them"),
                      ({"arch": "native", "bracket": "below"}, "bracket is for arch 'baseline'"),
                      ({"arch": "baseline", "n_head": 2}, "needs n_layer, d_model"),
                      ({"arch": "adapter"}, "needs base"),
@@ -460,15 +462,19 @@ def test_tinymars_models_prints_the_bracketing_counts(capsys: pytest.CaptureFixt
     assert main(["models", "--profile", "tiny", "--set", f"train.models={models}", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["models"]}
     assert rows["lo"]["params"] < rows["native"]["params"] < rows["hi"]["params"]
-    assert rows["hi"]["n_layer"] == rows["lo"]["n_layer"] + 1 and rows["lo"]["d_model"] == 32
+    assert rows["lo"]["n_layer"] == rows["hi"]["n_layer"] == 3 and rows["lo"]["d_model"] < rows["hi"]["d_model"]
+    assert all(r["trainable"] == r["params"] for r in rows.values())
     kw = {"vocab_size": 1000, "seq_len": 192, "channel_names": ["memory", "identity", "continuity", "affect",
                                                                 "time", "ethics"], "channel_dim": 384}
-    built = build({"arch": "native", "n_layer": 3, "n_head": 2, "d_model": 32, "channel_tokens": 2}, **kw)
+    built = build({"arch": "native", "n_layer": 3, "n_head": 2, "d_model": 32, "channel_tokens": 2,
+                   "channel_dims": [384, 384, 384, 2, 16, 24]}, **kw)
     assert rows["native"]["params"] == count_params(built) == count_spec_params(built.build_info["spec"], **kw)
     assert main(["models", "--profile", "tiny"]) == 0
     text = capsys.readouterr().out
-    assert re.search(r"native\s+native\s+2\s+2\s+32\s+0\.\d+M \([\d,]+\)\s+\+0\.0%", text)
-    assert "reference (tinyMARS iteration 7): baseline-6L 100.8M / native 110.2M / baseline-7L 120.3M" in text
+    assert re.search(r"native\s+native\s+2\s+2\s+32\s+0\.\d+M \([\d,]+\)\s+all\s+\+0\.0%", text)
+    assert "affect 2, time 16, ethics 24" in text
+    assert ("reference (tinyMARS iteration 7): baseline-6L 100.8M (-8.5%) / native 110.2M (+0.0%) / "
+            "baseline-7L 120.3M (+9.2%)") in text
 
 
 @pytest.mark.parametrize("arch", ["native", "baseline"])

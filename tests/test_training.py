@@ -245,10 +245,12 @@ def test_bracketing_baselines_straddle_the_native() -> None:
                             {"name": "fixed", "arch": "baseline", "n_layer": 2, "n_head": 4, "d_model": 64}],
                            **kw, channel_tokens=2)
     lo, hi = specs["lo"], specs["hi"]
-    assert lo["d_model"] == hi["d_model"] == 64 and "bracket" not in lo and specs["fixed"]["n_layer"] == 2
-    assert hi["n_layer"] == lo["n_layer"] + 1
+    assert lo["n_layer"] == hi["n_layer"] == 3 and "bracket" not in lo and specs["fixed"]["n_layer"] == 2
+    assert lo["d_model"] < hi["d_model"]  # the native's depth, the width sized (models.sizing)
     assert count_spec_params(lo, **kw) < n < count_spec_params(hi, **kw)
-    assert bracket_depth(native, {"arch": "baseline", "n_head": 4, "d_model": 64}, "below", **kw) == lo["n_layer"]
+    depth = bracket_depth(native, {"arch": "baseline", "n_head": 4, "d_model": 64}, "below", **kw)
+    assert count_spec_params({"arch": "baseline", "n_head": 4, "d_model": 64, "n_layer": depth}, **kw) < n <= \
+        count_spec_params({"arch": "baseline", "n_head": 4, "d_model": 64, "n_layer": depth + 1}, **kw)
     with pytest.raises(ValueError, match="no baseline is smaller"):
         bracket_depth(native, {"arch": "baseline", "n_head": 4, "d_model": 512}, "below", **kw)
 

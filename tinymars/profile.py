@@ -228,9 +228,10 @@ class PackSection(Section):
 # ---------------------------------------------------------------- train
 class ModelSpec(Section):
     """One model to train. Decoders (native, baseline) give their shape; a baseline may instead give
-    `bracket: below|above` and get the depth whose parameter count is just below / above the
-    native's (width and heads default to the native's). An adapter gives `base`: a local Hugging
-    Face model folder or one of our trained model folders, frozen, and `adapter: cross_attn|film`."""
+    `bracket: below|above` and get the size whose parameter count is about 10% below / above the
+    native's (models.sizing): the native's depth and heads with the width sized, or the depth sized
+    at a d_model it gives. An adapter gives `base`: a local Hugging Face model folder or one of our
+    trained model folders, frozen, and `adapter: cross_attn|film`."""
 
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")]
     arch: str
@@ -277,8 +278,8 @@ class ModelSpec(Section):
         if self.bracket is not None:
             if self.arch != "baseline":
                 raise ValueError(f"bracket is for arch 'baseline', not '{self.arch}'")
-            if self.n_layer is not None:
-                raise ValueError("bracket sizes n_layer itself; remove n_layer or bracket")
+            if self.n_layer is not None and self.d_model is not None:
+                raise ValueError("bracket sizes n_layer or d_model; give at most one of them, or remove bracket")
         elif self.arch in ("native", "baseline"):
             missing = [k for k in DECODER_REQUIRED if getattr(self, k) is None]
             if missing:
@@ -346,6 +347,11 @@ class TrainSection(TrainRecipe):
         default=1, description="training processes: GPUs (torchrun when > 1), XLA devices, or CPU ranks (gloo)")
     resume: bool = True
     models: list[ModelSpec]
+    # 16: repeated data stops adding value by ~16 epochs (Muennighoff et al. 2023, "Scaling Data-Constrained
+    # Language Models"); smoke trains ~4. A check, not a setting: it is in no cache key (shared()).
+    max_corpus_epochs: Annotated[float, Field(gt=0)] = Field(
+        default=16, description="most passes training may make over the train split (channel corpus + replay); "
+                                "validation refuses more (corpus.budget)")
 
     @model_validator(mode="after")
     def _models_and_devices(self) -> TrainSection:
@@ -368,7 +374,8 @@ class TrainSection(TrainRecipe):
 
         Checkpointing and resume settings are left out: an exact resume changes no result.
         """
-        return self.model_dump(mode="json", exclude={"models", "checkpoint_every", "keep_checkpoints", "resume"})
+        return self.model_dump(mode="json", exclude={"models", "checkpoint_every", "keep_checkpoints", "resume",
+                                                        "max_corpus_epochs"})
 
 
 # ---------------------------------------------------------------- eval / report
@@ -429,6 +436,10 @@ class EvalSection(Section):
     alpha: Annotated[float, Field(gt=0, lt=1)] = 0.01
     sampling: SamplingSpec = SamplingSpec()
     fixed_shape: bool = Field(default=False, description="pad every batch to one shape (XLA: no recompiles)")
+    device: Literal["auto", "cpu", "cuda", "xla"] = Field(
+        default="auto", description="where generation and held-out losses run, bf16 autocast on accelerators "
+                                    "(fp32 on cpu); auto: the train device's kind when this machine has it, "
+                                    "else cuda when visible, else cpu")
     followup_turns: Annotated[int, Field(ge=0, le=8)] = 0
     followup_prompt: str = "Tell me more."
     persistence_segments: Annotated[int, Field(ge=1, le=10)] = 3

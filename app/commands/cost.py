@@ -120,16 +120,23 @@ def _estimate(args: argparse.Namespace) -> int:
         prof = load_profile(args.profile, args.overrides)
     except ProfileError as exc:
         return fail(str(exc))
+    from app.budget import budget_lines
+    from corpus.budget import budget_problems, token_budget
+
+    budget = token_budget(prof)  # what the corpus will hold: a vocabulary it cannot support fails after paying
+    vocabulary = budget_lines(prof, budget)[0]
+    refused = budget_problems(budget)
     teacher = prof.corpus.teacher
     if teacher.kind == "template":
         print(f"profile '{prof.name}': the template teacher is offline and free: $0, no calls")
-        return 0
+        print(vocabulary)
+        return fail("\n".join(refused)) if refused else 0
     try:
         est = estimate(prof.corpus, Path(args.home) / "teacher-cache" / "calls.sqlite")
     except ValueError as exc:
         return fail(str(exc))
     if args.json:
-        print(json.dumps(est, indent=1))
+        print(json.dumps({**est, "token_budget": budget, "problems": refused}, indent=1))
         return 0
     t = est["total"]
     mode = "Batch API prices" if est["batch"] else "online prices"
@@ -146,4 +153,6 @@ def _estimate(args: argparse.Namespace) -> int:
             "should fit (expected)" if t["expected_usd"] <= left else "will NOT fit: generation stops at the budget")
         print(f"budget corpus.teacher.max_usd ${est['max_usd']:g} (${left:.4f} left): {verdict}")
     print("expected: template-length targets, no reasoning tokens; worst case: what the budget guards against")
-    return 0
+    print(vocabulary)
+    return fail("\n".join(refused) + "\n(fix these before paying: `tinymars run` refuses this profile)") \
+        if refused else 0

@@ -4,7 +4,10 @@
 
 Bracketing baselines are sized here exactly as the train stage sizes them (models.sizing), from the
 profile's vocabulary, sequence length and channels; models are built on the meta device, so even
-a multi-billion-parameter adapter base is counted in a moment without reading its weights.
+a multi-billion-parameter adapter base is counted in a moment without reading its weights. Counts are
+of the module's own parameters and `trainable` of those the optimizer updates (a frozen adapter base is
+shown apart); each channel's encoder is sized to the channel's own width, so no counted weight only
+ever multiplies padding.
 """
 
 from __future__ import annotations
@@ -30,34 +33,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def model_rows(prof: Any) -> list[dict[str, Any]]:
-    """One row per model: its resolved shape and parameter counts (trainable, and a frozen base's)."""
-    from models.sizing import count_spec_params, profile_specs
+    """One row per model: its resolved shape, parameter counts (all, trainable, a frozen base's) and the
+    ratio to the first native's count."""
+    import torch
+
+    from models.architectures import build, count_params, count_trainable
+    from models.sizing import profile_specs
 
     kw = {"vocab_size": prof.tokenizer.vocab_size, "seq_len": prof.pack.seq_len,
           "channel_names": prof.channels.names, "channel_dim": prof.channels.max_dim}
-    specs = profile_specs(prof)
-    native = next(s for s in specs.values() if s["arch"] == "native")
-    native_params = count_spec_params(native, **kw)
     rows = []
-    for name, spec in specs.items():
-        params = count_spec_params(spec, **kw)
+    for name, spec in profile_specs(prof).items():
+        with torch.device("meta"):
+            model = build(spec, **kw)
         row = {"name": name, "arch": spec["arch"], "n_layer": spec.get("n_layer"), "n_head": spec.get("n_head"),
-               "d_model": spec.get("d_model"), "params": params, "vs_native": params / native_params - 1.0}
+               "d_model": spec.get("d_model"), "params": count_params(model), "trainable": count_trainable(model)}
         if spec["arch"] == "adapter":
-            row |= _adapter_base(spec, kw)
+            row |= {"n_layer": model.base_info["n_layer"], "d_model": model.base_info["width"],
+                    "base_params": model.base_params(), "dropped": model.base_info["dropped"]}
         rows.append(row)
+    native = next((r["params"] for r in rows if r["arch"] == "native"), None)
+    for row in rows:
+        row["vs_native"] = None if native is None else row["params"] / native - 1.0
     return rows
-
-
-def _adapter_base(spec: dict[str, Any], kw: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    from models.architectures import build
-
-    with torch.device("meta"):
-        model = build(spec, **kw)
-    return {"n_layer": model.base_info["n_layer"], "d_model": model.base_info["width"],
-            "base_params": model.base_params(), "dropped": model.base_info["dropped"]}
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -66,14 +64,19 @@ def cmd_models(args: argparse.Namespace) -> int:
         rows = model_rows(prof)
     except (ProfileError, ValueError, OSError) as exc:
         return fail(str(exc))
+    ref_native = REFERENCE["native"]
     if args.json:
-        print(json.dumps({"profile": prof.name, "models": rows, "reference": REFERENCE}, indent=1))
+        print(json.dumps({"profile": prof.name, "models": rows, "reference": REFERENCE,
+                          "reference_vs_native": {k: v / ref_native - 1.0 for k, v in REFERENCE.items()}}, indent=1))
         return 0
+    dims = ", ".join(f"{name} {spec.dim}" for name, spec in prof.channels.enabled.items())
     print(f"profile '{prof.name}': vocab {prof.tokenizer.vocab_size:,}, seq_len {prof.pack.seq_len}, "
-          f"{len(prof.channels.names)} channels (D={prof.channels.max_dim})")
+          f"{len(prof.channels.names)} channels ({dims}; encoders sized per channel)")
     print_table([{"model": r["name"], "arch": r["arch"], "n_layer": r["n_layer"], "n_head": r["n_head"] or "",
                   "d_model": r["d_model"], "params": f"{r['params'] / 1e6:.1f}M ({r['params']:,})",
-                  "vs native": f"{r['vs_native']:+.1%}",
+                  "trainable": "all" if r["trainable"] == r["params"] else f"{r['trainable']:,}",
+                  "vs native": "" if r["vs_native"] is None else f"{r['vs_native']:+.1%}",
                   "frozen base": f"{r['base_params'] / 1e6:.1f}M" if "base_params" in r else ""} for r in rows])
-    print("reference (tinyMARS iteration 7): " + " / ".join(f"{k} {v / 1e6:.1f}M" for k, v in REFERENCE.items()))
+    print("reference (tinyMARS iteration 7): " + " / ".join(
+        f"{k} {v / 1e6:.1f}M ({v / ref_native - 1.0:+.1%})" for k, v in REFERENCE.items()))
     return 0
