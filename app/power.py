@@ -7,21 +7,24 @@ effect (scorers.hypotheses.design_n; docs/methods.md).
 
 from __future__ import annotations
 
+from corpus.rows import prompt_splits
 from scorers.hypotheses import power_plan
 from tinymars.domain import REGISTER_CAPABILITIES
 from tinymars.profile import Profile
 
 
 def planned_prompts(prof: Profile) -> dict[tuple[str, str], int]:
-    """About how many held-out prompts each (capability, kind) gets: the split's share of the corpus's
-    prompts (conflict prompts are all held out), capped by eval.max_prompts_per_capability."""
+    """How many held-out prompts each (capability, kind) gets: the corpus's own split rule
+    (corpus.rows.prompt_splits; conflict prompts are all held out), capped by eval.max_prompts_per_capability.
+    Exact unless pre-flight rejects prompts."""
     c, cap_limit = prof.corpus, prof.eval.max_prompts_per_capability
     out: dict[tuple[str, str], int] = {}
     for cap in c.capabilities:
         kinds = {"register": c.prompts_per_capability, "conflict": c.conflict_prompts_per_capability} \
             if cap in REGISTER_CAPABILITIES else {"selection": c.prompts_per_capability}
         for kind, prompts in kinds.items():
-            held = prompts if kind == "conflict" else max(1, round(c.heldout_fraction * prompts))
+            held = prompts if kind == "conflict" else \
+                prompt_splits(cap, prompts, c.heldout_fraction, c.seed).count("heldout")
             out[(cap, kind)] = min(held, cap_limit) if cap_limit else held
     return out
 

@@ -27,15 +27,12 @@ verdict is "supported".
     .venv/bin/python bench/calibration.py --prompts 100 --iterations 1000
     .venv/bin/python bench/calibration.py --iterations 400 --power-iterations 100 --jobs 1   # quick look
 
-`--iterations` counts null iterations in all (half per null world). The a-priori number of units a
-member needs (`*_n_for_power`) depends only on the design (minimal effect, Holm level), so it is
-memoised per process here: same numbers, ~0.3 s less per member.
+`--iterations` counts null iterations in all (half per null world).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import multiprocessing
 import random
@@ -54,7 +51,7 @@ from scorers.hypotheses import evaluate_hypotheses
 from scorers.outcomes import METRIC_KIND, row_outcome
 from scorers.simulate import ArmModel, simulate_records
 from scorers.stats import binom_test, clopper_pearson, holm
-from tinymars.domain import CAPABILITIES, CHANCE, MIN_EFFECT_DEFAULT, effect_scale
+from tinymars.domain import CAPABILITIES, CHANCE, effect_scale
 from tinymars.profile import Profile, load_profile
 
 BACKGROUNDS = ("tied", "exchangeable")
@@ -105,14 +102,6 @@ def make_design(profile_name: str, prompts: int | None, seed: int, resamples: in
                   resamples or scoring["bootstrap_resamples"], seed)
 
 
-def memoise_a_priori_n() -> None:
-    """The units a member needs for 80% power depend only on (minimal effect, level): compute each once."""
-    for name in ("binomial_n_for_power", "t_n_for_power", "signed_rank_n_for_power"):
-        fn = getattr(hypothesis_layer, name, None)
-        if fn is not None and not hasattr(fn, "cache_info"):
-            setattr(hypothesis_layer, name, functools.cache(fn))
-
-
 def background_arms(background: str, arms: Iterable[str], planted: str | None = None,
                     follow: dict[str, float] | None = None) -> dict[str, ArmModel]:
     """Every arm null (ABLATED tied in the tied world), except `planted`, which carries `follow` per capability."""
@@ -142,11 +131,7 @@ def plant_key(h: dict[str, Any], background: str) -> tuple[Any, ...]:
     """What the planted effect depends on: hypotheses that differ only in arm names share one search."""
     against = "chance" if h["beats"] == "chance" else \
         "tied" if background == "tied" and h["beats"] == "ablated" else "sampled"
-    return h["metric"], against, background, min_effect(h)
-
-
-def min_effect(h: dict[str, Any]) -> float:
-    return h.get("min_effect") or MIN_EFFECT_DEFAULT[effect_scale(h["metric"], h["beats"])]
+    return h["metric"], against, background, hypothesis_layer.minimal_effect(h)
 
 
 # ---------------------------------------------------------------- one iteration (runs in a worker)
@@ -156,7 +141,6 @@ _DESIGN: Design | None = None
 def _init_worker(design: Design) -> None:
     global _DESIGN
     _DESIGN = design
-    memoise_a_priori_n()
 
 
 def naive_row_level(records: list[dict[str, Any]], h: dict[str, Any], members: list[str]) -> bool:
@@ -310,7 +294,7 @@ def print_power_table(design: Design, plants: dict[tuple[str, str], tuple[float,
     for h in design.hypotheses:
         scale = effect_scale(h["metric"], h["beats"])
         null = {"share": 0.5, "dz": 0.0}.get(scale, CHANCE.get(h["metric"], 0.0))
-        line = f"{h['id']:<24}{scale:<6}{null + min_effect(h):>7.3f}"
+        line = f"{h['id']:<24}{scale:<6}{null + hypothesis_layer.minimal_effect(h):>7.3f}"
         for b in BACKGROUNDS:
             follow, effect = plants[(h["id"], b)]
             runs = power[(h["id"], b)]

@@ -53,6 +53,11 @@ POWER = 0.8
 VERDICTS = ("supported", "not supported", "inconclusive")
 
 
+def minimal_effect(hypothesis: dict[str, Any]) -> float:
+    """The pre-registered minimal effect, or the documented default of its scale (tinymars.domain)."""
+    return hypothesis.get("min_effect") or MIN_EFFECT_DEFAULT[effect_scale(hypothesis["metric"], hypothesis["beats"])]
+
+
 def design_n(metric: str, beats: str, level: float, min_effect: float) -> int | None:
     """Units the hypothesis's test needs for 80% power at `min_effect`, at test level `level`: fixed by the
     design (test, alpha / family size, minimal effect) before any data. Units: decided prompts for sign
@@ -104,7 +109,7 @@ def member_test(records: list[dict[str, Any]], hypothesis: dict[str, Any], capab
     """One capability's test of a hypothesis, at the family's strictest Holm level `level` (for power)."""
     metric, arm, beats = hypothesis["metric"], hypothesis["arm"], hypothesis["beats"]
     scale = effect_scale(metric, beats)
-    min_effect = hypothesis.get("min_effect") or MIN_EFFECT_DEFAULT[scale]
+    min_effect = minimal_effect(hypothesis)
     units = prompt_units(records, capability, metric)
     if beats == "chance" and metric in CHANCE_UNDEFINED:
         raise ValueError(f"hypothesis {hypothesis['id']}: {metric} has no valid chance level; compare it with an arm")
@@ -198,7 +203,7 @@ def power_plan(hypotheses: list[dict[str, Any]], planned: dict[tuple[str, str], 
         caps = family_members(h, available)
         level = h["alpha"] / max(1, len(caps))
         scale = effect_scale(h["metric"], h["beats"])
-        min_effect = h.get("min_effect") or MIN_EFFECT_DEFAULT[scale]
+        min_effect = minimal_effect(h)
         for cap in caps:
             units = planned[(cap, METRIC_KIND[h["metric"]])]
             needed = design_n(h["metric"], h["beats"], level, min_effect)

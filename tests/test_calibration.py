@@ -9,7 +9,6 @@ tell a cluster-blind layer from one that counts prompts. A planted effect must b
 
 from __future__ import annotations
 
-import functools
 import random
 from typing import Any
 
@@ -17,7 +16,6 @@ import pytest
 from scipy.stats import binomtest
 
 from corpus.template_teacher import generate_corpus
-from scorers import hypotheses
 from scorers.hypotheses import evaluate_hypotheses
 from scorers.register import register_score
 from scorers.selection import dominant
@@ -27,15 +25,6 @@ ALPHA = 0.05  # one member, no Holm: enough false positives in a few hundred ite
 # a strongly clustered conflict null: per prompt, a U-shaped propensity to answer against the prompt's text,
 # which both rows of the prompt share (mean 1/2, so a row follows the channel at exactly chance)
 CLUSTERED = PromptModel(against_text=(0.5, 0.5))
-
-
-@pytest.fixture(autouse=True)
-def _a_priori_n_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The units a member needs for 80% power depend on the design only (minimal effect, level), not on the
-    data, and cost ~0.3 s a call: compute each once (same numbers), as bench/calibration.py does."""
-    for name in ("binomial_n_for_power", "t_n_for_power", "signed_rank_n_for_power"):
-        if hasattr(hypotheses, name) and not hasattr(getattr(hypotheses, name), "cache_info"):
-            monkeypatch.setattr(hypotheses, name, functools.cache(getattr(hypotheses, name)))
 
 
 @pytest.fixture(scope="module")
