@@ -59,3 +59,9 @@ $(XLA_STAMP):
 .PHONY: test-xla
 test-xla: $(XLA_STAMP)
 	PJRT_DEVICE=CPU $(XLA_VENV)/bin/python -m pytest -q -s -p no:cacheprovider tests/xla
+
+# The offline rehearsal of the production profile (app/rehearse.py) as a test: every stage on iter7's shapes
+# with the offline teacher and embedder, 2 training steps. Minutes on a laptop; not part of `make test`.
+.PHONY: rehearse
+rehearse: venv
+	TINYMARS_REHEARSAL=1 $(PY) -m pytest -q tests/test_rehearsal.py

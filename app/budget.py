@@ -21,15 +21,20 @@ def budget_lines(prof: Profile, budget: dict[str, Any] | None = None) -> list[st
              f"{b['supportable_pieces']:,} pieces the text supports ({b['vocab_from']})  {ok}"]
     for name, s in b["sources"].items():
         lines.append(f"  {name:<11} {s['rows']:>7,} train rows  {s['chars']:>11,} chars  ~{s['tokens']:>11,} "
-                     "tokens per epoch" + ("  (at most: rows are clipped to replay.max_chars)"
-                                           if name == "replay" else ""))
+                     "tokens per epoch")
     lines.append(f"  {'epoch':<11} {b['epoch_rows']:>7,} train rows  ~{b['epoch_tokens']:,} tokens "
                  f"(~{b['chars_per_token']} chars per token)")
-    how = (f"{prof.train.steps:,} steps x {prof.train.batch_size} windows x {prof.pack.seq_len} tokens x "
-           f"{b['packing_efficiency']} packed" if prof.train.packing
-           else f"{prof.train.steps:,} steps x {prof.train.batch_size} rows")
+    t = prof.train
+    windows = f"{t.steps:,} steps x {t.batch_size} windows x {prof.pack.seq_len} tokens"
     mark = "ok" if b["epochs"] <= b["max_corpus_epochs"] else "TOO MANY"
-    lines.append(f"  training   {how} = ~{b['train_tokens']:,} tokens = {b['epochs']:.1f} epochs of the channel "
-                 f"corpus{' + replay' if 'replay' in b['sources'] else ''} (limit train.max_corpus_epochs "
-                 f"{b['max_corpus_epochs']:g})  {mark}")
+    r = b["replay"]
+    if r is not None:
+        pinned = f"@{r['revision'][:12]}" if r["revision"] else ""
+        lines.append(f"  replay      {r['tokens']:>,} tokens from {r['source']}{pinned}; {r['share']:.1%} of "
+                     f"{windows} = ~{r['train_tokens']:,} tokens = {r['epochs']:.2f} epochs of the replay tokens")
+    how = (f"{1 - (r['share'] if r else 0):.1%} of {windows} x {b['packing_efficiency']} packed" if t.packing
+           else f"{t.steps:,} steps x {t.batch_size} rows")
+    lines.append(f"  corpus      {how} = ~{b['corpus_tokens']:,} tokens = {b['epochs']:.1f} epochs of the channel "
+                 f"corpus (limit train.max_corpus_epochs {b['max_corpus_epochs']:g})  {mark}")
+    lines.append(f"  training    ~{b['train_tokens']:,} tokens in all")
     return lines

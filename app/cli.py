@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stop after STAGE (the stages it needs still run or come from cache); eval = score")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="override a profile value (YAML syntax), e.g. --set train.steps=50; repeatable")
+    run.add_argument("--rehearse", action="store_true",
+                     help="check that the profile's paid run will go through: every stage on its shapes (corpus "
+                     "size and split checks, vocabulary, seq_len, packing, model sizes, replay mixing) with the "
+                     "offline teacher and embedder, local replay prose, 2 training steps and a small evaluation, "
+                     "on the CPU (app/rehearse.py); a few minutes")
     home_arg(run)
 
     val = sub.add_parser("validate", help="validate a profile and exit (no work is done)")
@@ -58,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     home_arg(runs)
 
     lin = sub.add_parser("lineage", help="show a run's stages, or an artifact's parents and children")
-    lin.add_argument("ident", metavar="RUN_OR_ARTIFACT", help="a run id or artifact hash (a unique prefix works)")
+    lin.add_argument("ident", metavar="RUN_OR_ARTIFACT", nargs="?",
+                     help="a run id or artifact hash (a unique prefix works); not needed with --openlineage")
     lin.add_argument("--json", action="store_true", help="machine-readable output")
     home_arg(lin)
 
@@ -70,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     try:
-        prof = preflight(args.profile, args.overrides, args.refresh)
+        prof = preflight(args.profile, args.overrides, args.refresh,
+                         Path(args.home).resolve() if args.rehearse else None)
     except ProfileError as exc:
         return fail(str(exc))
     if reason := runnable_here(prof):
@@ -125,6 +132,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
+    if args.openlineage is not None:
+        from app.commands.lineage_export import export
+
+        return export(args)
+    if args.ident is None:
+        return fail("lineage: give a RUN_OR_ARTIFACT to show, or --openlineage FILE|URL to export the history")
     try:
         lin = open_lineage(args.home)
         kind, ident = lin.resolve(args.ident)

@@ -47,9 +47,20 @@ def call_flow(label: str, on_interrupt: str, flow_fn: Any, **params: Any) -> tup
         return None, fail(f"{label} failed: {type(exc).__name__}: {exc}", 1)
 
 
-def preflight(profile_arg: str, overrides: list[str], refresh: list[str]) -> Profile:
-    """Everything that can be checked before work starts; raises ProfileError with the fix."""
+def preflight(profile_arg: str, overrides: list[str], refresh: list[str], rehearse_home: Path | None = None
+              ) -> Profile:
+    """Everything that can be checked before work starts; raises ProfileError with the fix.
+
+    With `rehearse_home`, the profile's own budget is checked, then its offline rehearsal (app.rehearse)
+    is what gets the remaining checks and is returned."""
     prof = load_profile(_absolute(profile_arg), overrides)
+    if rehearse_home is not None:
+        from app.rehearse import rehearsal_profile
+        from corpus.budget import budget_problems, token_budget
+
+        if problems := budget_problems(token_budget(prof)):  # the paid run's own shape must pass first
+            raise ProfileError(f"profile '{prof.name}' itself would fail: " + "\n".join(problems))
+        prof = rehearsal_profile(prof, rehearse_home)
     try:
         downstream(refresh)
     except ValueError as exc:
@@ -71,6 +82,10 @@ def preflight(profile_arg: str, overrides: list[str], refresh: list[str]) -> Pro
 
     try:  # the teacher's key is in the environment variable the profile names (never printed), templates load
         check_runnable(prof.corpus)
+        if prof.replay is not None:  # a local source exists, is readable and UTF-8; a hub source is pinned
+            from corpus.replay import check_source
+
+            check_source(prof.replay)
     except ValueError as exc:
         raise ProfileError(str(exc)) from None
     from corpus.budget import budget_problems, token_budget

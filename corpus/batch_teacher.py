@@ -3,14 +3,17 @@
 Requests not in the call cache go into one JSONL file, uploaded and submitted as a batch job. The job
 id is stored in the call cache (and a `batch_submitted` lineage record made) *before* polling starts,
 so a rerun after a kill resumes polling that job instead of paying for a second one. Each answered
-item is stored in the cache as it is read; failed or truncated items go into the next round (at most
-`max_retries` more rounds). The budget holds the worst case of a whole batch before it is submitted; a
+item is stored in the cache as it is read; failed items go into the next round (at most `max_retries`
+more rounds each). A truncated item (`finish_reason=length`) goes into one more round only (with
+`truncation_max_tokens` if set), then comes back truncated; the client's truncation guard judges each
+round's final answers. The budget holds the worst case of a whole batch before it is submitted; a
 batch that does not fit is cut to the prefix that does.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -21,10 +24,11 @@ from corpus.openai_teacher import (
     TeacherClient,
     TeacherRequest,
     TeacherUnavailable,
+    TruncationStop,
     parse_usage,
     redact,
 )
-from corpus.teacher_limits import BudgetStop, backoff_delay
+from corpus.teacher_limits import TRUNCATED_ATTEMPTS, BudgetStop, backoff_delay
 
 ENDPOINT = "/v1/chat/completions"
 DONE = ("completed", "failed", "expired", "cancelled")
@@ -34,6 +38,8 @@ class BatchTeacher:
     def __init__(self, client: TeacherClient, poll_s: float = 30.0):
         self.client, self.poll_s = client, poll_s
         self.model, self.params = client.model, client.params
+        self.truncations: Counter[str] = Counter()  # times each request came back cut at max_tokens
+        self.judged: set[str] = set()  # requests whose final answer the truncation guard has counted
 
     async def answer_all(
         self, requests: list[TeacherRequest], progress: Callable[[dict[str, Any]], None] | None = None
@@ -50,21 +56,28 @@ class BatchTeacher:
             else:
                 todo[req.key] = req
         truncated: dict[str, TeacherAnswer] = {}
+        failures: Counter[str] = Counter()  # rounds each request failed in otherwise
         for job in c.cache.open_batches():
             if any(k in todo for k in job["call_keys"]):
                 c.log(f"[corpus] resuming batch {job['batch_id']} (submitted earlier) instead of resubmitting")
                 cost = await self._collect(job["batch_id"], 0, todo, answers, truncated, progress, len(requests))
                 await c.budget.settle(0.0, cost, reserved=False)
-        for round_ in range(1, c.s.max_retries + 2):
-            remaining = [r for k, r in todo.items() if k not in answers]
+        round_ = 0
+        while True:
+            remaining = [r for k, r in todo.items() if k not in answers and failures[k] <= c.s.max_retries
+                         and self.truncations[k] < TRUNCATED_ATTEMPTS]
+            self._watch_truncation(todo, answers)
             if not remaining:
                 break
-            batch_id, worst = await self._submit(remaining, round_)
+            round_ += 1
+            cut_before = Counter(self.truncations)
+            batch_id, worst, sent = await self._submit(remaining, round_)
             cost = 0.0
             try:
                 cost = await self._collect(batch_id, round_, todo, answers, truncated, progress, len(requests))
             finally:
                 await c.budget.settle(worst, cost)
+            failures.update(k for k in sent if k not in answers and self.truncations[k] == cut_before[k])
         missing = [k for k in todo if k not in answers and k not in truncated]
         if missing:
             raise TeacherUnavailable(
@@ -74,13 +87,31 @@ class BatchTeacher:
             )
         return {**truncated, **answers}
 
-    async def _submit(self, remaining: list[TeacherRequest], round_: int) -> tuple[str, float]:
-        """Upload and submit the requests that fit in the budget; record the job before anything else."""
+    def _watch_truncation(self, todo: dict[str, TeacherRequest], answers: dict[str, TeacherAnswer]) -> None:
+        """Feed the client's truncation guard the final answers of the rounds so far (each once); stop when it
+        trips, before another batch is paid for."""
+        c = self.client
+        for key in todo:
+            if key in self.judged:
+                continue
+            if key in answers:
+                c.truncation.observe(False)
+            elif self.truncations[key] >= TRUNCATED_ATTEMPTS:
+                c.truncation.observe(True)
+            else:
+                continue
+            self.judged.add(key)
+        if c.truncation.tripped():
+            raise TruncationStop(c.truncation.message(), list(c.records))
+
+    async def _submit(self, remaining: list[TeacherRequest], round_: int) -> tuple[str, float, list[str]]:
+        """Upload and submit the requests that fit in the budget; record the job before anything else. A
+        request cut at max_tokens before is asked with `truncation_max_tokens` (same call key)."""
         c = self.client
         chosen, worst = [], 0.0
         left = c.budget.left()
         for req in remaining:
-            cost = c.worst_case_usd(req, batch=True)
+            cost = c.worst_case_usd(req, batch=True, max_tokens=self._max_tokens(req))
             if left is not None and worst + cost > left:
                 break
             chosen.append(req)
@@ -92,8 +123,8 @@ class BatchTeacher:
         except BudgetStop:
             raise BudgetExceeded(c.budget_message(c.worst_case_usd(remaining[0], batch=True)),
                                  list(c.records)) from None
-        lines = [json.dumps({"custom_id": r.key, "method": "POST", "url": ENDPOINT, "body": c.body(r)})
-                 for r in chosen]
+        lines = [json.dumps({"custom_id": r.key, "method": "POST", "url": ENDPOINT,
+                             "body": c.body(r, self._max_tokens(r))}) for r in chosen]
         data = ("\n".join(lines) + "\n").encode()
         upload = await self._retrying(lambda: c.api.files.create(file=("teacher-batch.jsonl", data), purpose="batch"))
         job = await self._retrying(lambda: c.api.batches.create(
@@ -102,7 +133,10 @@ class BatchTeacher:
         c.record(TeacherRequest(f"batch:{job.id}", "batch", [], None, 0), "batch_submitted", round_,
                  error=f"{len(chosen)} requests, input file {upload.id}")
         c.log(f"[corpus] submitted batch {job.id}: {len(chosen)} requests (worst case ${worst:.4f})")
-        return job.id, worst
+        return job.id, worst, [r.key for r in chosen]
+
+    def _max_tokens(self, req: TeacherRequest) -> int:
+        return self.client.retry_max_tokens if self.truncations[req.key] else self.client.s.max_tokens
 
     async def _collect(self, batch_id: str, round_: int, todo: dict[str, TeacherRequest],
                        answers: dict[str, TeacherAnswer], truncated: dict[str, TeacherAnswer],
@@ -152,6 +186,7 @@ class BatchTeacher:
             c.record(req, exc.status, round_, None, exc.usage, self._cost(exc.usage), exc.error)
             if exc.status == "truncated":
                 truncated[key] = TeacherAnswer(exc.content, "length")
+                self.truncations[key] += 1
             return self._cost(exc.usage)
         truncated.pop(key, None)
         c.keep(req, answer, usage, cost, round_, None)

@@ -4,14 +4,17 @@ Two checks need it before anything is paid for (`tinymars validate`, `tinymars c
 - *vocabulary*: SentencePiece BPE refuses more pieces than its text can make ("value <= N"), and it only
   says so at the tokenizer stage, after the corpus is bought. `supportable_pieces` estimates N from the
   text's distinct word types (calibrated against SentencePiece itself; tests/test_budget.py checks it).
-- *epochs*: training reads steps x batch_size windows of seq_len tokens (~95% real tokens, models.data);
-  divided by the train split's tokens (channel corpus + replay) that is how often each row is seen.
+- *epochs*: training reads steps x batch_size windows of seq_len tokens; with a replay section `replay.share`
+  of them are replay windows (every position real) and the rest packed corpus windows (~95% real tokens,
+  models.data). The corpus windows' tokens divided by the train split's tokens is how often each channel
+  row is seen; the replay windows' tokens divided by replay.tokens is how often the replay text is.
 
 Text comes from the corpus's own planners: the template teacher's generator (exact text) or, for a hosted
 teacher, the planned prompts (exact) with each target as long as the template's and carrying the content
 its request names (opener, answer core, closer, salient item); the teacher's own extra words are not
 counted, so the vocabulary estimate is a floor for a hosted teacher. Replay text is unknown before the
-corpus stage reads it: rows of at most max_chars, its word types from a Heaps-law fit on English prose.
+replay source is read: the tokenizer's `replay.tokenizer_chars` of it count as English prose (a Heaps-law
+fit of its word types).
 """
 
 from __future__ import annotations
@@ -131,13 +134,8 @@ def planned_volumes(section: Any) -> dict[str, TextVolume]:
 
 
 def corpus_volumes(section: Any) -> dict[str, TextVolume]:
-    """Per capability (and `replay`, when the profile has it) the train-split text the corpus will hold."""
-    vols = template_volumes(section) if section.teacher.kind == "template" else planned_volumes(section)
-    if section.replay is not None:
-        train_rows = sum(v.rows for v in vols.values())
-        rows = round(section.replay.ratio * train_rows)
-        vols["replay"] = TextVolume(rows=rows, chars=rows * section.replay.max_chars)  # at most: rows are clipped
-    return vols
+    """Per capability the train-split text the corpus will hold."""
+    return template_volumes(section) if section.teacher.kind == "template" else planned_volumes(section)
 
 
 # ---------------------------------------------------------------- the budget
@@ -152,7 +150,8 @@ def token_budget(prof: Any, vols: dict[str, TextVolume] | None = None) -> dict[s
             _BUDGETS[key] = token_budget(prof, corpus_volumes(prof.corpus))
         return _BUDGETS[key]
     texts = [t for v in vols.values() for t in v.texts]
-    prose = vols["replay"].chars if "replay" in vols else 0
+    replay = prof.replay
+    prose = replay.tokenizer_chars if replay is not None else 0
     tok = prof.tokenizer
     supportable = supportable_pieces(texts, tok.model_type, prose)
     cpt = chars_per_token(tok.vocab_size, supportable)
@@ -164,19 +163,28 @@ def token_budget(prof: Any, vols: dict[str, TextVolume] | None = None) -> dict[s
         sources[name] = {"rows": v.rows, "heldout_rows": v.heldout_rows, "chars": v.chars, "tokens": positions}
     epoch_rows = sum(s["rows"] for s in sources.values())
     epoch_tokens = sum(s["tokens"] for s in sources.values())
+    share = replay.share if replay is not None else 0.0
+    windows = train.steps * train.batch_size
+    replay_tokens = round(windows * share * seq_len)
     if train.packing:
-        train_tokens = round(train.steps * train.batch_size * seq_len * PACKING_EFFICIENCY)
-        epochs = train_tokens / max(1, epoch_tokens)
+        corpus_tokens = round(windows * (1 - share) * seq_len * PACKING_EFFICIENCY)
+        epochs = corpus_tokens / max(1, epoch_tokens)
     else:
         epochs = train.steps * train.batch_size / max(1, epoch_rows)
-        train_tokens = round(epochs * epoch_tokens)
-    return {"vocab_size": tok.vocab_size, "model_type": tok.model_type, "supportable_pieces": supportable,
-            "vocab_from": "template text" if prof.corpus.teacher.kind == "template"
-            else "planned prompts and requested content (the teacher's own words come on top)",
-            "replay_prose_chars": prose, "chars_per_token": round(cpt, 2), "sources": sources,
-            "epoch_rows": epoch_rows, "epoch_tokens": epoch_tokens, "train_tokens": train_tokens,
-            "packing_efficiency": PACKING_EFFICIENCY if train.packing else None,
-            "epochs": epochs, "max_corpus_epochs": train.max_corpus_epochs}
+        corpus_tokens = round(epochs * epoch_tokens)
+    out = {"vocab_size": tok.vocab_size, "model_type": tok.model_type, "supportable_pieces": supportable,
+           "vocab_from": ("template text" if prof.corpus.teacher.kind == "template"
+                          else "planned prompts and requested content (the teacher's own words come on top)")
+           + (f" + {prose:,} chars of replay prose" if prose else ""),
+           "replay_prose_chars": prose, "chars_per_token": round(cpt, 2), "sources": sources,
+           "epoch_rows": epoch_rows, "epoch_tokens": epoch_tokens, "corpus_tokens": corpus_tokens,
+           "train_tokens": corpus_tokens + replay_tokens,
+           "packing_efficiency": PACKING_EFFICIENCY if train.packing else None,
+           "epochs": epochs, "max_corpus_epochs": train.max_corpus_epochs, "replay": None}
+    if replay is not None:
+        out["replay"] = {"share": share, "tokens": replay.tokens, "train_tokens": replay_tokens,
+                         "epochs": replay_tokens / replay.tokens, "source": replay.source, "revision": replay.revision}
+    return out
 
 
 def budget_problems(budget: dict[str, Any]) -> list[str]:
@@ -187,12 +195,13 @@ def budget_problems(budget: dict[str, Any]) -> list[str]:
             f"tokenizer.vocab_size: {budget['vocab_size']} is more than this corpus's text can support (about "
             f"{budget['supportable_pieces']:,} pieces, estimated from the {budget['vocab_from']}); SentencePiece "
             "would refuse it at the tokenizer stage, after the corpus is built (and paid for); lower "
-            f"tokenizer.vocab_size (to at most ~{budget['supportable_pieces']:,}), or add corpus.replay / raise "
-            "corpus.prompts_per_capability for more text")
+            f"tokenizer.vocab_size (to at most ~{budget['supportable_pieces']:,}), or add a replay section / raise "
+            "replay.tokenizer_chars / corpus.prompts_per_capability for more text")
     if budget["epochs"] > budget["max_corpus_epochs"]:
         problems.append(
-            f"train: {budget['train_tokens']:,} training tokens are {budget['epochs']:.1f} epochs of the "
-            f"{budget['epoch_tokens']:,}-token train split, more than train.max_corpus_epochs "
-            f"{budget['max_corpus_epochs']:g}; lower train.steps or train.batch_size, add replay (corpus.replay), "
-            "or raise train.max_corpus_epochs")
+            f"train: {budget['corpus_tokens']:,} channel-corpus training tokens are {budget['epochs']:.1f} epochs of "
+            f"the {budget['epoch_tokens']:,}-token train split, more than train.max_corpus_epochs "
+            f"{budget['max_corpus_epochs']:g}; lower train.steps or train.batch_size, "
+            + ("raise replay.share" if budget["replay"] else "add a replay section (replay: source, tokens, share)")
+            + ", or raise train.max_corpus_epochs")
     return problems

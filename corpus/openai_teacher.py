@@ -10,8 +10,10 @@ what happens to them:
 - 429, 408, 409, 5xx: retried with exponential backoff; a `retry-after(-ms)` header is honoured (a wait
   longer than `max_retry_after_s` stops the run: rerun later, nothing answered is lost);
 - timeouts, dropped connections, a malformed or non-JSON body, empty choices, empty content: retried;
-- `finish_reason=length` (truncated, and paid for): retried; still truncated after the retries, the
-  request comes back as truncated (its rows are rejected, never cached);
+- `finish_reason=length` (truncated, and paid for) is not transient: retried once, at once (with
+  `truncation_max_tokens` when the profile sets it), then the request comes back truncated (its rows
+  are rejected, never cached). Once enough calls have answered, a truncated share above
+  `max_truncation_rate` stops the run (`TruncationStop`, naming the max_tokens to raise);
 - `finish_reason=content_filter`: an answer (cached), which pre-flight rejects;
 - 401/403/404 and other 4xx: fatal at once (a bad key, model or parameter will not heal by retrying),
   except a 400 naming a parameter the server does not take: `max_tokens` becomes `max_completion_tokens`,
@@ -37,7 +39,15 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from corpus.call_cache import CallCache
-from corpus.teacher_limits import Budget, BudgetStop, RateLimiter, backoff_delay, retry_after_s
+from corpus.teacher_limits import (
+    TRUNCATED_ATTEMPTS,
+    Budget,
+    BudgetStop,
+    RateLimiter,
+    TruncationGuard,
+    backoff_delay,
+    retry_after_s,
+)
 from tinymars.prices import Price
 
 TARGET_SCHEMA = {
@@ -106,6 +116,12 @@ class TeacherUnavailable(TeacherError):
     pass
 
 
+class TruncationStop(TeacherError):
+    """Too many answers cut at max_tokens: rerunning at the same max_tokens would pay for the same cuts."""
+
+    final = True
+
+
 class MissingKey(ValueError):
     """The environment variable the profile names holds no key."""
 
@@ -171,6 +187,7 @@ class AttemptFailed(Exception):
         super().__init__(error)
         self.status, self.error, self.retry_after, self.usage, self.fatal = status, error, retry_after, usage, fatal
         self.content = content
+        self.cost = 0.0  # what the attempt was billed (set once priced)
 
 
 class _Stopped(Exception):
@@ -218,6 +235,9 @@ class TeacherClient:
         self.counts = {"requests": 0, "answered": 0, "cache_hits": 0, "retries": 0}
         self._estimate_scale = 1.0
         self.jitter = random.Random()
+        self.retry_max_tokens = getattr(settings, "truncation_max_tokens", None) or settings.max_tokens
+        self.truncation = TruncationGuard(getattr(settings, "max_truncation_rate", 1.0), settings.max_tokens,
+                                          getattr(settings, "truncation_max_tokens", None))
         self._stop: TeacherError | None = None
 
     async def close(self) -> None:
@@ -229,12 +249,15 @@ class TeacherClient:
         """The sampling parameters (part of every call key)."""
         return {"temperature": self.s.temperature, "max_tokens": self.s.max_tokens}
 
-    def worst_case_usd(self, req: TeacherRequest, batch: bool = False) -> float:
-        return self.price.worst_case(math.ceil(req.prompt_tokens_est * self._estimate_scale), self.s.max_tokens, batch)
+    def worst_case_usd(self, req: TeacherRequest, batch: bool = False, max_tokens: int | None = None) -> float:
+        return self.price.worst_case(math.ceil(req.prompt_tokens_est * self._estimate_scale),
+                                     max_tokens or self.s.max_tokens, batch)
 
-    def body(self, req: TeacherRequest) -> dict[str, Any]:
-        """The /v1/chat/completions body for a request (as sent now: structured output may be off)."""
-        body: dict[str, Any] = {"model": self.model, "messages": req.messages, self.token_param: self.s.max_tokens}
+    def body(self, req: TeacherRequest, max_tokens: int | None = None) -> dict[str, Any]:
+        """The /v1/chat/completions body for a request (as sent now: structured output may be off; a truncation
+        retry may ask for more tokens than the profile's max_tokens, under the same call key)."""
+        body: dict[str, Any] = {"model": self.model, "messages": req.messages,
+                                self.token_param: max_tokens or self.s.max_tokens}
         if self.send_temperature:
             body["temperature"] = self.s.temperature
         if req.seed is not None:
@@ -288,11 +311,13 @@ class TeacherClient:
                 if self._stop is not None:
                     return
                 try:
-                    answers[req.key] = await self.answer(req)
+                    answers[req.key] = answer = await self.answer(req)
                 except TeacherError as exc:
                     self._stop = self._stop or exc
                 except _Stopped:
                     return
+                else:
+                    self.watch_truncation(answer)
                 if progress is not None:
                     progress(self.snapshot(len(requests), len(answers)))
 
@@ -302,6 +327,14 @@ class TeacherClient:
             stop.teacher_calls = list(self.records)
             raise stop
         return answers
+
+    def watch_truncation(self, answer: TeacherAnswer) -> None:
+        """Count a final answer from the endpoint; too many truncated stops the run (calls in flight finish)."""
+        if answer.cache_hit:
+            return
+        self.truncation.observe(answer.truncated)
+        if self._stop is None and self.truncation.tripped():
+            self._stop = TruncationStop(self.truncation.message())
 
     def snapshot(self, total: int, done: int) -> dict[str, Any]:
         return {"total": total, "done": done, "spent_usd": self.budget.spent_now, **self.counts}
@@ -321,7 +354,7 @@ class TeacherClient:
         """The longest a live run can spend on one call (every attempt timing out after its longest wait):
         a lease older than this is stale, whoever holds it."""
         wait = max(self.s.backoff_max_s, self.s.max_retry_after_s)
-        return (self.s.max_retries + 1) * (self.s.timeout_s + wait) + 60.0
+        return (self.s.max_retries + TRUNCATED_ATTEMPTS) * (self.s.timeout_s + wait) + 60.0
 
     async def _claim(self, req: TeacherRequest) -> TeacherAnswer | None:
         """Wait while another live run sends this call; its answer is then a cache hit. None: ours to send."""
@@ -338,10 +371,15 @@ class TeacherClient:
             await asyncio.sleep(LEASE_POLL_S)
 
     async def _send(self, req: TeacherRequest) -> TeacherAnswer:
-        """One request through the endpoint, with retries. Truncated after every retry: a `length` answer."""
+        """One request through the endpoint. Transient faults are retried with backoff (`max_retries`); an
+        answer cut at max_tokens is asked once more at once (backoff cannot make it shorter), with
+        `truncation_max_tokens` if set, and cut again it comes back as a `length` answer (rejected)."""
         last: AttemptFailed | None = None
-        for attempt in range(1, self.s.max_retries + 2):
-            worst = self.worst_case_usd(req)
+        attempt = failures = truncations = 0
+        max_tokens = self.s.max_tokens
+        while True:
+            attempt += 1
+            worst = self.worst_case_usd(req, max_tokens=max_tokens)
             if self._stop is not None:
                 raise _Stopped()
             try:
@@ -354,23 +392,29 @@ class TeacherClient:
                     raise _Stopped()
                 self.counts["requests"] += 1
                 async with self.gate():
-                    answer, cost = await self._attempt(req, attempt)
+                    answer, cost = await self._attempt(req, attempt, max_tokens)
                 return answer
             except AttemptFailed as exc:
                 last = exc
-                cost = self._paid(exc.usage)
+                cost = exc.cost
                 if exc.fatal:
                     raise TeacherUnavailable(self._fatal_message(exc), final=True) from None
             finally:
                 await self.budget.settle(worst, cost)
-            if attempt <= self.s.max_retries:
+            if last.status == "truncated":
+                truncations += 1
+                if truncations >= TRUNCATED_ATTEMPTS:
+                    return TeacherAnswer(last.content, "length")
                 self.counts["retries"] += 1
-                await self.sleep(self._wait(last, attempt))
-        assert last is not None
-        if last.status == "truncated":
-            return TeacherAnswer(last.content, "length")
+                max_tokens = self.retry_max_tokens
+                continue
+            failures += 1
+            if failures > self.s.max_retries:
+                break
+            self.counts["retries"] += 1
+            await self.sleep(self._wait(last, failures))
         raise TeacherUnavailable(
-            f"teacher call for {req.capability} failed {self.s.max_retries + 1} times (last: {last.status}: "
+            f"teacher call for {req.capability} failed {failures} times (last: {last.status}: "
             f"{redact(last.error, self.secrets)[:ERROR_CHARS]}); {self.endpoint} may be down or overloaded. "
             "Everything answered so far is cached: rerun to continue, or raise corpus.teacher.max_retries"
         )
@@ -413,15 +457,17 @@ class TeacherClient:
                     "and corpus.teacher.base_url")
         return f"{self.endpoint} refused the request ({exc.status}): {exc.error}; check the corpus.teacher settings"
 
-    async def _attempt(self, req: TeacherRequest, attempt: int) -> tuple[TeacherAnswer, float]:
+    async def _attempt(self, req: TeacherRequest, attempt: int,
+                       max_tokens: int | None = None) -> tuple[TeacherAnswer, float]:
         """One HTTP attempt: an answer and its cost, or AttemptFailed. Writes the attempt's lineage record."""
         import httpx2
         import openai
 
-        body = self.body(req)
+        max_tokens = max_tokens or self.s.max_tokens
+        body = self.body(req, max_tokens)
         sent_format = "response_format" in body
         est = math.ceil(req.prompt_tokens_est * self._estimate_scale)
-        await self.limiter.acquire(est + self.s.max_tokens)
+        await self.limiter.acquire(est + max_tokens)
         t0 = time.perf_counter()
         usage: dict[str, Any] | None = None
         try:
@@ -445,16 +491,19 @@ class TeacherClient:
             answer, usage = self.parse_completion(text)
         except AttemptFailed as exc:
             exc.error = redact(exc.error, self.secrets)  # server text may echo the key; it goes no further
-            self.limiter.adjust(est + self.s.max_tokens, 0)
-            self.record(req, exc.status, attempt, time.perf_counter() - t0, exc.usage, self._paid(exc.usage),
-                        exc.error)
+            self.limiter.adjust(est + max_tokens, 0)
+            exc.cost = self._paid(exc.usage)
+            if exc.status == "truncated" and not exc.usage:  # a billed answer that did not say what it cost
+                exc.cost = self.price.cost(est, max_tokens)
+                exc.error += "; no usage in the answer: cost booked at the worst case"
+            self.record(req, exc.status, attempt, time.perf_counter() - t0, exc.usage, exc.cost, exc.error)
             raise
         latency = time.perf_counter() - t0
         u = parse_usage(usage)
         if u["prompt_tokens"] > est:  # keep the worst case a worst case
             self._estimate_scale *= u["prompt_tokens"] / est
-        self.limiter.adjust(est + self.s.max_tokens, u["prompt_tokens"] + u["completion_tokens"])
-        cost = self._paid(usage) if usage else self.price.cost(est, self.s.max_tokens)
+        self.limiter.adjust(est + max_tokens, u["prompt_tokens"] + u["completion_tokens"])
+        cost = self._paid(usage) if usage else self.price.cost(est, max_tokens)
         self.keep(req, answer, usage, cost, attempt, latency)
         return answer, cost
 
@@ -525,12 +574,17 @@ class TeacherClient:
 
 
 def _server_message(exc: Any) -> str:
+    """The server's reason: OpenAI's `{"error": {"message"}}`, FastAPI's `{"detail"}` (transformers serve and
+    other self-hosted servers), or a plain-text body; else the client's own text."""
     body = getattr(exc, "body", None)
+    msg: Any = None
     if isinstance(body, dict):
         err = body.get("error", body)
-        msg = err.get("message") if isinstance(err, dict) else err
-        if msg:
-            return str(msg)[:ERROR_CHARS]
+        msg = (err.get("message") or err.get("detail")) if isinstance(err, dict) else err
+    elif isinstance(body, str):
+        msg = body.strip()
+    if msg:
+        return (msg if isinstance(msg, str) else json.dumps(msg))[:ERROR_CHARS]
     return str(getattr(exc, "message", "") or type(exc).__name__)[:ERROR_CHARS]
 
 

@@ -53,6 +53,7 @@ from corpus.rows import (
     register_row,
     selection_row,
 )
+from corpus.scenarios import ScenarioClient, Scenarios, generate_scenarios, possible_keys, scenario_settings
 from corpus.teacher_limits import Budget
 from corpus.teacher_prompts import Templates, load_templates
 from corpus.template_teacher import (
@@ -132,21 +133,24 @@ def _plan_register(
 
 def plan_corpus(
     capabilities: list[str], prompts_per_capability: int, conflict_prompts_per_capability: int, seed: int,
-    templates: Templates, *, heldout_fraction: float,
+    templates: Templates, *, heldout_fraction: float, scenarios: Scenarios | None = None,
 ) -> list[PlannedPrompt]:
     """Every prompt and slot of the corpus with its split, before any call (the template teacher's pools,
-    entity split and streams; conflict prompts are held out)."""
+    entity split and streams; conflict prompts are held out). With `scenarios`, the pools the teacher wrote
+    replace the shipped ones, each side drawing only from its own part."""
     plan: list[PlannedPrompt] = []
+    sides = {split: Side(split, heldout_fraction, seed, scenarios.side(split) if scenarios else None)
+             for split in ("train", "heldout")}
     for cap in capabilities:
         rng, seen = capability_rng(seed, cap, "prompts"), set()
         for number, split in enumerate(prompt_splits(cap, prompts_per_capability, heldout_fraction, seed)):
-            side = Side(split, heldout_fraction, seed)
+            side = sides[split]
             if cap in SELECTION_CAPABILITIES:
                 plan.append(_plan_selection(cap, number, rng, seen, side))
             else:
                 plan.append(_plan_register(cap, number, rng, seen, False, templates.registers, side))
         if cap not in SELECTION_CAPABILITIES:
-            conflict_rng, held_out = capability_rng(seed, cap, "conflict"), Side("heldout", heldout_fraction, seed)
+            conflict_rng, held_out = capability_rng(seed, cap, "conflict"), sides["heldout"]
             for number in range(conflict_prompts_per_capability):
                 plan.append(_plan_register(cap, number, conflict_rng, seen, True, templates.registers, held_out))
     return plan
@@ -296,7 +300,7 @@ def target_length_stats(rows: list[dict[str, Any]]) -> dict[str, dict[str, float
     return out
 
 
-def _progress_logger(log: Callable[[str], None], sample: int, rejects: Callable[[], int]):
+def _progress_logger(log: Callable[[str], None], sample: int, rejects: Callable[[], int], what: str = "calls"):
     last = [0.0]
 
     def progress(snap: dict[str, Any]) -> None:
@@ -304,7 +308,7 @@ def _progress_logger(log: Callable[[str], None], sample: int, rejects: Callable[
         if now - last[0] < LOG_EVERY_S and snap["done"] < snap["total"]:
             return
         last[0] = now
-        label = "calls" if sample == 0 else f"resample {sample} calls"
+        label = what if sample == 0 else f"resample {sample} {what}"
         log(f"[corpus] teacher: {snap['done']}/{snap['total']} {label} ({snap['cache_hits']} from cache), "
             f"${snap['spent_usd']:.4f} spent this run, {snap['retries']} retries, {rejects()} rejects so far")
 
@@ -351,9 +355,9 @@ def generate_teacher_corpus(
                       section.conflict_prompts_per_capability, section.heldout_fraction)
     price = teacher_price(teacher)
     templates = load_templates(teacher.prompts_dir)
-    plan = plan_corpus(list(section.capabilities), section.prompts_per_capability,
-                       section.conflict_prompts_per_capability, section.seed, templates,
-                       heldout_fraction=section.heldout_fraction)
+    # without a scenario phase the plan is known now; with one, only the scenario calls are, and the plan
+    # follows from their answers
+    plan = None if teacher.scenarios is not None else section_plan(section, templates)
     cache = CallCache(Path(cache_dir) / "calls.sqlite")
     try:
         invocation = cache.start_invocation()
@@ -362,40 +366,79 @@ def generate_teacher_corpus(
         if orphans:
             log(f"[corpus] {len(orphans)} teacher calls of an interrupted run found in the call cache; "
                 "they go to lineage with this run")
-        budget = Budget(teacher.max_usd, cache.spent_on(plan_keys(plan, teacher, section.seed, templates)))
+        known_keys = (plan_keys(plan, teacher, section.seed, templates) if plan is not None
+                      else possible_keys(section, templates))
+        budget = Budget(teacher.max_usd, cache.spent_on(known_keys))
         if teacher.max_usd is not None:
-            log(f"[corpus] budget ${teacher.max_usd:.4f}: ${budget.spent_before:.4f} already spent on this corpus")
+            what = "this corpus" if plan is not None else "this corpus's scenario calls"
+            log(f"[corpus] budget ${teacher.max_usd:.4f}: ${budget.spent_before:.4f} already spent on {what}")
         client = TeacherClient(teacher, api_key, cache, price, budget, invocation=invocation, log=log, gate=gate)
-        backend: Any = client
-        if teacher.batch:
-            from corpus.batch_teacher import BatchTeacher
+        scenario_client = None if plan is not None else ScenarioClient(
+            scenario_settings(teacher), api_key, cache, price, budget,
+            invocation=invocation, log=log, gate=gate)
+        clients = [c for c in (scenario_client, client) if c is not None]
 
-            backend = BatchTeacher(client, poll_s=teacher.batch_poll_s)
-
-        async def run() -> TeacherCorpus:
+        async def run() -> tuple[TeacherCorpus, Scenarios | None]:
+            nonlocal plan
             try:
-                return await generate(plan, backend, templates, section.seed, teacher.resamples, log)
+                scenarios = None
+                if scenario_client is not None:
+                    scenarios = await generate_scenarios(
+                        section, _backend(scenario_client, teacher), scenario_client.schemas, templates, log,
+                        lambda round_: _progress_logger(log, round_, lambda: 0, "scenario calls"))
+                    plan = section_plan(section, templates, scenarios)
+                    on_targets = cache.spent_on(plan_keys(plan, teacher, section.seed, templates))
+                    budget.spent_before += on_targets
+                    if teacher.max_usd is not None and on_targets:
+                        log(f"[corpus] budget: ${on_targets:.4f} already spent on this corpus's target calls")
+                corpus = await generate(plan, _backend(client, teacher), templates, section.seed, teacher.resamples,
+                                        log)
+                return corpus, scenarios
             finally:
-                await client.close()
+                for c in clients:
+                    await c.close()
+
+        def records(verdicts: dict[str, tuple[str, str | None]]) -> list[dict[str, Any]]:
+            return [rec for c in clients for rec in _with_verdicts(c.records, verdicts)]
 
         try:
-            result = asyncio.run(run())
+            result, scenarios = asyncio.run(run())
         except TeacherError as exc:
-            exc.teacher_calls = orphans + _with_verdicts(client.records, {})
+            exc.teacher_calls = orphans + records(getattr(exc, "verdicts", {}))
             if will_retry(exc):
-                cache.release_invocation(client.invocation)
+                cache.release_invocation(invocation)
             else:
-                cache.finish_invocation(client.invocation)
+                cache.finish_invocation(invocation)
             raise
         except BaseException:
-            cache.release_invocation(client.invocation)  # a crash: the next attempt or run adopts the journal
+            cache.release_invocation(invocation)  # a crash: the next attempt or run adopts the journal
             raise
-        calls = orphans + _with_verdicts(client.records, result.verdicts)
-        cache.finish_invocation(client.invocation)
-        stats = {**result.stats, "entities": entity_split_sizes(section.heldout_fraction, section.seed)}
+        calls = orphans + records({**(scenarios.verdicts if scenarios else {}), **result.verdicts})
+        cache.finish_invocation(invocation)
+        entities = entity_split_sizes(section.heldout_fraction, section.seed)
+        stats = {**result.stats, "entities": entities}
+        if scenarios is not None:
+            stats["entities"] = {**entities, **scenarios.entity_counts()}
+            stats["scenarios"] = scenarios.stats
         return TeacherResult(result.rows, stats, calls, budget.spent_now)
     finally:
         cache.close()
+
+
+def section_plan(section: Any, templates: Templates, scenarios: Scenarios | None = None) -> list[PlannedPrompt]:
+    """`plan_corpus` for a corpus profile section."""
+    return plan_corpus(list(section.capabilities), section.prompts_per_capability,
+                       section.conflict_prompts_per_capability, section.seed, templates,
+                       heldout_fraction=section.heldout_fraction, scenarios=scenarios)
+
+
+def _backend(client: TeacherClient, teacher: Any) -> Any:
+    """The client, or the Batch API through it."""
+    if not teacher.batch:
+        return client
+    from corpus.batch_teacher import BatchTeacher
+
+    return BatchTeacher(client, poll_s=teacher.batch_poll_s)
 
 
 def _with_verdicts(records: list[dict[str, Any]], verdicts: dict[str, tuple[str, str | None]]) -> list[dict]:
@@ -412,18 +455,11 @@ def _with_verdicts(records: list[dict[str, Any]], verdicts: dict[str, tuple[str,
 
 def check_runnable(section: Any) -> None:
     """What can be checked about a corpus section before any work: the key is in the environment the
-    profile names, the prompt templates load, a local replay source exists. Raises ValueError."""
+    profile names, the prompt templates load. Raises ValueError."""
     if section.teacher.kind != "template":
         from corpus.openai_teacher import api_key_from_env
 
         api_key_from_env(section.teacher)
         teacher_price(section.teacher)
         load_templates(section.teacher.prompts_dir)
-    replay = section.replay
-    if replay is not None:
-        path = Path(replay.source).expanduser()
-        looks_local = replay.source.startswith(("/", "./", "../", "~")) or path.suffix in (".parquet", ".jsonl",
-                                                                                          ".json", ".csv", ".txt")
-        if looks_local and not path.exists():
-            raise ValueError(f"corpus.replay.source: local path '{replay.source}' does not exist; point it at a "
-                             "parquet/jsonl/json/csv/txt file or folder, or give a hub dataset name")
+

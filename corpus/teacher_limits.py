@@ -1,4 +1,5 @@
-"""What paces the teacher client: the money budget, the requests/tokens-per-minute limiter, backoff.
+"""What paces the teacher client: the money budget, the requests/tokens-per-minute limiter, backoff, and the
+guard that stops a stage whose answers keep running past max_tokens.
 
 Kept apart from the HTTP client so each rule is small, has no network in it, and is tested with a
 fake clock.
@@ -153,3 +154,44 @@ def retry_after_s(headers: Mapping[str, str] | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+MIN_ANSWERS_FOR_TRUNCATION_STOP = 20  # fewer answers say too little about a model's truncation rate
+TRUNCATED_ATTEMPTS = 2  # a call cut at max_tokens is asked once more (at once), then rejected
+
+
+class TruncationGuard:
+    """Stops a stage whose answers keep running past max_tokens, before it pays for the rest.
+
+    A truncation is not transient: the same request at the same `max_tokens` runs long again. So each
+    call is asked at most twice, and once `min_answers` calls have a final answer, a share of truncated
+    ones above `max_rate` stops the stage with the numbers and the setting to change.
+    """
+
+    def __init__(self, max_rate: float, max_tokens: int, retry_max_tokens: int | None = None,
+                 min_answers: int = MIN_ANSWERS_FOR_TRUNCATION_STOP):
+        self.max_rate, self.max_tokens, self.retry_max_tokens = max_rate, max_tokens, retry_max_tokens
+        self.min_answers = min_answers
+        self.answers = self.truncated = 0
+
+    def observe(self, truncated: bool) -> None:
+        """One call's final answer (after its truncation retry), from the endpoint (not the cache)."""
+        self.answers += 1
+        self.truncated += bool(truncated)
+
+    @property
+    def rate(self) -> float:
+        return self.truncated / self.answers if self.answers else 0.0
+
+    def tripped(self) -> bool:
+        return self.answers >= self.min_answers and self.rate > self.max_rate
+
+    def message(self) -> str:
+        again = "" if self.retry_max_tokens is None else f" (and again at {self.retry_max_tokens} on their retry)"
+        return (
+            f"{100 * self.rate:.0f}% of answers were cut at max_tokens={self.max_tokens}{again}: raise "
+            f"corpus.teacher.max_tokens (or set corpus.teacher.truncation_max_tokens for the one retry). "
+            f"{self.truncated} of the {self.answers} answers so far were truncated, above "
+            f"corpus.teacher.max_truncation_rate = {self.max_rate:g}, so the stage stopped early; every call paid "
+            "so far is recorded, and every complete answer is in the call cache (a rerun does not pay for it again)"
+        )

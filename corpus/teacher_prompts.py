@@ -2,8 +2,10 @@
 
 One file per request kind: `system.txt`, `memory.txt`, `identity.txt`, `continuity.txt` (selection),
 `register.txt` and `conflict.txt` (affect / time / ethics), and `registers.json` naming and
-describing each register pole. Templates are `str.format` text: `{field}` is filled in, a literal
-brace is written `{{` or `}}`. A folder given in the profile may override any subset of the files.
+describing each register pole; for the scenario phase (`corpus.scenarios`) `scenario_system.txt`,
+`scenario.txt` and `scenarios.json` (what each generated pool is, its fields, the batch themes).
+Templates are `str.format` text: `{field}` is filled in, a literal brace is written `{{` or `}}`. A
+folder given in the profile may override any subset of the files.
 
 The rule lines ("Mention at least one of these words: ...", "Answer content: ...", the style hint)
 are what pre-flight checks, stated plainly, so a real model can follow them and the test server
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import json
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,16 @@ FIELDS: dict[str, set[str]] = {
     "continuity": SELECTION_FIELDS,
     "register": REGISTER_FIELDS,
     "conflict": REGISTER_FIELDS | {"text_register"},
+    "scenario_system": set(),
+    "scenario": {"what", "fields", "examples", "pool", "theme", "count", "batch"},
+}
+SCENARIO_POOL_FIELDS = {  # the pools the scenario phase can generate and the fields each entity has
+    "memories": ("text", "keys", "idea", "why"),
+    "threads": ("text", "keys", "topic", "step"),
+    "crafts": ("role", "activity", "keys", "lens"),
+    "identity_questions": ("question", "answer"),
+    "neutral_prompts": ("question", "core"),
+    "ethics_prompts": ("category", "question", "core"),
 }
 
 
@@ -42,15 +54,16 @@ class PromptError(ValueError):
 class Templates:
     texts: dict[str, str]
     registers: dict[str, Any]
+    scenarios: dict[str, Any] = field(default_factory=dict)
 
     @property
     def digest(self) -> str:
         """Content hash of every template (part of the corpus stage key)."""
-        return hash_json({"texts": self.texts, "registers": self.registers})[:16]
+        return hash_json({"texts": self.texts, "registers": self.registers, "scenarios": self.scenarios})[:16]
 
-    def messages(self, name: str, fields: dict[str, str]) -> list[dict[str, str]]:
+    def messages(self, name: str, fields: dict[str, str], system: str = "system") -> list[dict[str, str]]:
         return [
-            {"role": "system", "content": self.texts["system"].format()},
+            {"role": "system", "content": self.texts[system].format()},
             {"role": "user", "content": self.texts[name].format(**fields)},
         ]
 
@@ -98,4 +111,27 @@ def load_templates(folder: str | Path | None = None) -> Templates:
             f"{path}: needs affect/time/ethics, each with '+' and '-' holding 'register' and 'description' "
             f"strings ({exc})"
         ) from None
-    return Templates(texts, registers)
+    return Templates(texts, registers, _scenario_descriptions(_file(base, "scenarios.json")))
+
+
+def _scenario_descriptions(path: Path) -> dict[str, Any]:
+    """scenarios.json: `themes` (a list of strings) and, per pool, `what` and a description of every field."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        themes = data["themes"]
+        if not (isinstance(themes, list) and themes and all(isinstance(t, str) for t in themes)):
+            raise KeyError("themes")
+        for pool, fields in SCENARIO_POOL_FIELDS.items():
+            entry = data["pools"][pool]
+            if not isinstance(entry["what"], str):
+                raise KeyError(f"{pool}.what")
+            for name in fields:
+                if not isinstance(entry["fields"][name], str):
+                    raise KeyError(f"{pool}.fields.{name}")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PromptError(
+            f"{path}: needs 'themes' (a non-empty list of strings) and 'pools' with "
+            f"{', '.join(SCENARIO_POOL_FIELDS)}, each holding 'what' and 'fields' describing "
+            f"{'; '.join(f'{p}: {chr(44).join(f)}' for p, f in SCENARIO_POOL_FIELDS.items())} ({exc})"
+        ) from None
+    return {"themes": data["themes"], "pools": {p: data["pools"][p] for p in SCENARIO_POOL_FIELDS}}

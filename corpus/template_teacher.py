@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -88,17 +88,22 @@ def pool_entities(pool: str, split: str, heldout_fraction: float, seed: int) -> 
 
 @dataclass(frozen=True)
 class Side:
-    """One side of the entity split: where a prompt of `split` draws its entities from."""
+    """One side of the entity split: where a prompt of `split` draws its entities from. `generated` holds this
+    side's part of the pools a teacher wrote (`corpus.scenarios`), already split; the others come from the
+    shipped pools."""
 
     split: str
     heldout_fraction: float
     seed: int
+    generated: Mapping[str, tuple[Any, ...]] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
 
     def pool(self, name: str) -> tuple[Any, ...]:
+        if self.generated is not None and name in self.generated:
+            return self.generated[name]
         return pool_entities(name, self.split, self.heldout_fraction, self.seed)
 
 

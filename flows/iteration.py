@@ -1,4 +1,5 @@
-"""The iteration flow: corpus -> channels -> tokenizer -> pack -> train -> steer -> generate -> score -> report.
+"""The iteration flow: corpus -> channels -> tokenizer -> [replay] -> pack -> train -> steer -> generate -> score
+-> report.
 
 Composition only: each task builds or reuses a content-addressed artifact and hands back a
 record; this flow process is the only writer of the lineage database.
@@ -20,6 +21,7 @@ from tasks.channels import channels_task
 from tasks.corpus import corpus_task
 from tasks.generate import generate_task
 from tasks.pack import pack_task
+from tasks.replay import replay_task
 from tasks.report import report_task
 from tasks.score import score_task
 from tasks.steering import steer_applies, steer_task
@@ -31,14 +33,16 @@ from tinymars.runinfo import git_state, new_run_id, project_code_version
 from tinymars.stages import downstream, last_stage
 
 
-def dispatch_training(prof: Profile, home: str, pack: dict[str, Any], force: bool) -> dict[str, dict[str, Any]]:
+def dispatch_training(prof: Profile, home: str, pack: dict[str, Any], replay: dict[str, Any] | None,
+                      force: bool) -> dict[str, dict[str, Any]]:
     """Run the `train` deployment (an accelerator work pool) and wait; its records come back via `home`."""
     orch = prof.orchestration
     log = get_run_logger()
     log.info(f"dispatching training to deployment '{orch.train_deployment}' and waiting")
     run = run_deployment(  # the validated profile travels as data: the worker's machine needs no profile file
         name=orch.train_deployment,
-        parameters={"profile": prof.model_dump(mode="json"), "home": home, "pack": pack, "force": force},
+        parameters={"profile": prof.model_dump(mode="json"), "home": home, "pack": pack, "replay": replay,
+                    "force": force},
         timeout=orch.dispatch_timeout_s,
     )
     if run.state is None or not run.state.is_completed():
@@ -115,14 +119,44 @@ def iteration(
         stop_after("channels")
         tokenizer = step("tokenizer", tokenizer_task, corpus)
         stop_after("tokenizer")
+        replay = step("replay", replay_task, tokenizer) if prof.replay is not None else None
+        stop_after("replay")
         pack = step("pack", pack_task, corpus, channels, tokenizer)
         stop_after("pack")
         if prof.orchestration.train_dispatch == "deployment":
-            trained = dispatch_training(prof, home, pack, "train" in forced)
+            trained = dispatch_training(prof, home, pack, replay, "train" in forced)
             for result in trained.values():
                 record(result)
         else:
-            trained = {spec.name: step(f"train:{spec.name}", train_task, pack, spec) for spec in prof.train.models}
+            from tasks.train import trainer_slots
+
+            slots = trainer_slots(prof)  # models.fanout: [] = one model at a time (one device, or CPU)
+            if not slots:
+                trained = {spec.name: step(f"train:{spec.name}", train_task, pack, spec, replay)
+                           for spec in prof.train.models}
+            else:  # Prefect's task runner trains model i on slot i mod len(slots), after the one before it there
+                from prefect import allow_failure
+                from prefect.futures import as_completed
+
+                log.info(f"training {len(prof.train.models)} models, {len(slots)} at a time: "
+                         + "; ".join(slot.describe() for slot in slots))
+                futures: dict[str, Any] = {}
+                for i, spec in enumerate(prof.train.models):
+                    before = list(futures.values())[i - len(slots)] if i >= len(slots) else None
+                    futures[spec.name] = train_task.with_options(task_run_name=f"train:{spec.name}").submit(
+                        prof, home, pack, spec, replay, force="train" in forced, slot=slots[i % len(slots)],
+                        wait_for=[allow_failure(before)] if before is not None else None)
+                names = {future.task_run_id: name for name, future in futures.items()}
+                done, failure = {}, None
+                for future in as_completed(list(futures.values())):  # recorded as each ends: the flow is the writer
+                    name = names[future.task_run_id]
+                    try:  # step records the result, or the error, of a run that already happened
+                        done[name] = step(f"train:{name}", lambda *_, future=future, **__: future.result())
+                    except Exception as exc:
+                        failure = failure or exc
+                if failure is not None:
+                    raise failure
+                trained = {name: done[name] for name in futures}
         stop_after("train")
         steer = step("steer", steer_task, corpus, tokenizer, trained) if steer_applies(prof) else None
         stop_after("steer")

@@ -28,6 +28,7 @@ def train_models(
     profile: str | dict[str, Any] | Profile,
     home: str,
     pack: dict[str, Any],
+    replay: dict[str, Any] | None = None,
     overrides: list[str] | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
@@ -35,7 +36,7 @@ def train_models(
     prof = as_profile(profile, overrides)
     log = get_run_logger()
     log.info(f"training {len(prof.train.models)} model(s) for profile '{prof.name}' on {pack['artifact']['path']}")
-    results = {spec.name: train_task(prof, home, pack, spec, force=force) for spec in prof.train.models}
+    results = {spec.name: train_task(prof, home, pack, spec, replay, force=force) for spec in prof.train.models}
     run_key = str(flow_run.get_id() or "local")
     write_atomic(handback_path(home, run_key), json.dumps(results, sort_keys=True))
     return {"handback": str(handback_path(home, run_key))}

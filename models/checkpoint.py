@@ -2,10 +2,12 @@
 
 - A trained model is `model.safetensors` + `model.json` (how to rebuild it through the registry,
   and the sha256 of the weights). Neither holds a timestamp or a wall-clock figure: the same
-  training inputs give the same bytes.
+  training inputs give the same bytes. Beside the last weights, `best/` is a model folder of its own
+  holding the weights of the held-out evaluation with the lowest loss (`weights_folder` picks one).
 - A training checkpoint is a folder `step-NNNNNNNN/` with the weights (safetensors), the optimizer
   state, the trainer state (step = data position, loss accumulators, RNG) and the metrics so far,
-  plus `checkpoint.json` listing every file's sha256 and the run's fingerprint. It is built under
+  plus `checkpoint.json` listing every file's sha256 and the run's fingerprint; `best.safetensors`
+  when an eval has set a best so far (so a resumed run keeps the same best). It is built under
   a temporary name and renamed into place, so a kill mid-write leaves nothing a resume would trust.
 
 Every load re-hashes; a mismatch raises CheckpointError naming the file. A checkpoint from
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from models.architectures import build, build_info, count_params
@@ -33,14 +35,20 @@ from models.weights import META, WEIGHTS, CheckpointError, check_sha, cpu_state,
 from tinymars.artifacts import canonical_json, hash_bytes, sha256_file, write_atomic
 
 CKPT_META, OPTIMIZER, STATE, METRICS = "checkpoint.json", "optimizer.pt", "state.pt", "metrics.jsonl"
+BEST_WEIGHTS = "best.safetensors"  # in a checkpoint: the best-so-far weights
+BEST = "best"  # in a model folder: the model folder of the best weights
+WEIGHT_CHOICES = ("best", "last")
 CKPT_FORMAT = 1
 
 
-def save_model(model: nn.Module, out_dir: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Save weights and the metadata needed to rebuild them; returns the metadata dict."""
+def save_model(model: nn.Module, out_dir: Path, extra: dict[str, Any] | None = None,
+               state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Save weights (the model's own, or `state`: other weights of the same model) and the metadata needed
+    to rebuild them; returns the metadata dict."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    replace_atomically(out_dir / WEIGHTS, lambda p: save_file(cpu_state(model), str(p)))
+    weights = cpu_state(model) if state is None else state
+    replace_atomically(out_dir / WEIGHTS, lambda p: save_file(weights, str(p)))
     info = build_info(model)
     cfg = getattr(model, "cfg", None)
     meta = {"arch": info["arch"], "build": info, "config": cfg.to_dict() if cfg is not None else None,
@@ -65,6 +73,25 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> nn.Module:
     return model.to(device).eval()
 
 
+def weights_folder(model_dir: str | Path, choice: str) -> tuple[Path, str]:
+    """The model folder holding the weights `choice` names ('best' | 'last'), and a line saying which they are.
+
+    'best' is `best/` when training recorded one (model.json `best_step`: some held-out eval gave a finite
+    loss); a model with no held-out rows falls back to its last weights, and the line says so.
+    """
+    if choice not in WEIGHT_CHOICES:
+        raise ValueError(f"weights: '{choice}' is not one of {', '.join(WEIGHT_CHOICES)}")
+    model_dir = Path(model_dir)
+    meta = json.loads((model_dir / META).read_text()) if (model_dir / META).is_file() else {}
+    steps = (meta.get("train_config") or {}).get("steps")
+    if choice == "best" and meta.get("best_step") is not None:
+        return model_dir / BEST, (f"best (step {meta['best_step']}, held-out loss {meta['best_heldout_loss']:.4f}) "
+                                  f"of {steps} steps")
+    if choice == "best":
+        return model_dir, "last (no held-out evaluation recorded a best; fell back to the last weights)"
+    return model_dir, "last"
+
+
 # ---- training checkpoints -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Checkpoint:
@@ -73,9 +100,14 @@ class Checkpoint:
     path: Path
     step: int
     fingerprint: dict[str, Any]
+    files: tuple[str, ...] = ()
 
     def load_model_state(self, model: nn.Module) -> None:
         load_weights(model, self.path / WEIGHTS)
+
+    def best_state(self) -> dict[str, torch.Tensor] | None:
+        """The best-so-far weights (CPU), or None when no eval had set a best by this step."""
+        return load_file(str(self.path / BEST_WEIGHTS)) if BEST_WEIGHTS in self.files else None
 
     def optimizer_state(self) -> dict[str, Any]:
         return torch.load(self.path / OPTIMIZER, map_location="cpu", weights_only=True)
@@ -104,10 +136,12 @@ def _to_cpu(obj: Any) -> Any:
 
 
 def checkpoint_files(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                     metrics: str) -> dict[str, bytes]:
-    """The bytes of one checkpoint (device tensors are copied to the CPU); only the main rank needs them."""
-    return {WEIGHTS: save(cpu_state(model)), OPTIMIZER: _torch_bytes(_to_cpu(optimizer.state_dict())),
-            STATE: _torch_bytes(_to_cpu(state)), METRICS: metrics.encode()}
+                     metrics: str, best: dict[str, torch.Tensor] | None = None) -> dict[str, bytes]:
+    """The bytes of one checkpoint (device tensors are copied to the CPU); only the main rank needs them.
+    `best`: the best-so-far weights (CPU), when an eval has set them."""
+    files = {WEIGHTS: save(cpu_state(model)), OPTIMIZER: _torch_bytes(_to_cpu(optimizer.state_dict())),
+             STATE: _torch_bytes(_to_cpu(state)), METRICS: metrics.encode()}
+    return files if best is None else {**files, BEST_WEIGHTS: save(best)}
 
 
 def write_checkpoint(ckpt_dir: Path, step: int, files: dict[str, bytes], fingerprint: dict[str, Any],
@@ -147,8 +181,9 @@ def verify_checkpoint(folder: Path) -> Checkpoint:
     for name in (WEIGHTS, OPTIMIZER, STATE, METRICS):
         if name not in meta["files"]:
             raise CheckpointError(f"{folder / CKPT_META}: lists no {name}; the checkpoint is incomplete")
-        check_sha(folder / name, meta["files"][name])
-    return Checkpoint(folder, int(meta["step"]), meta["fingerprint"])
+    for name, sha in meta["files"].items():  # the required files and the optional best weights
+        check_sha(folder / name, sha)
+    return Checkpoint(folder, int(meta["step"]), meta["fingerprint"], tuple(sorted(meta["files"])))
 
 
 def fingerprint_differences(want: dict[str, Any], got: dict[str, Any], prefix: str = "") -> list[str]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,13 @@ class PackedRows:
         return PackedRows([self.row_id[i] for i in idx], [self.prompt_id[i] for i in idx],
                           [self.capability[i] for i in idx], [self.input_ids[i] for i in idx],
                           [self.loss_mask[i] for i in idx], self.channels[idx], self.target_bytes[idx])
+
+
+def sample_rows(rows: PackedRows, most: int | None, seed: int) -> PackedRows:
+    """At most `most` rows, a seeded sample kept in split order (None or enough rows: all of them)."""
+    if most is None or len(rows) <= most:
+        return rows
+    return rows.subset(np.sort(np.random.default_rng([seed, 3]).choice(len(rows), most, replace=False)))
 
 
 def _ragged(column) -> list[np.ndarray]:
@@ -352,38 +360,130 @@ class WindowStream:
         return self.windows(step * batch_size, batch_size)
 
 
+class ReplayWindows:
+    """Whole windows of seq_len positions cut from the replay token shards (corpus.replay), memory-mapped.
+
+    Shard s holds (len_s - 1) // T chunks; chunk c of a shard is tokens [c*T, c*T + T + 1). Replay epoch e
+    visits every chunk once in a permutation of (seed, e), so window r of the stream is found directly.
+    A document is `[bos] ids [eos]`: positions restart at each bos, attention stays inside a document
+    (row_ids number the documents of the window), and no position is trained to predict the next
+    document's bos. Replay has no channel state: its windows carry zero channels and no row slot
+    (row_tiles all PAD_ROW), so the channel injection adds nothing there.
+    """
+
+    def __init__(self, folder: str | Path, manifest: dict, seq_len: int, bos_id: int, seed: int):
+        self.seq_len, self.bos_id, self.seed = seq_len, bos_id, seed
+        self.shards = [np.load(Path(folder) / s["file"], mmap_mode="r") for s in manifest["shards"]]
+        counts = [max(0, (len(a) - 1) // seq_len) for a in self.shards]
+        self.starts = np.cumsum([0, *counts])
+        if self.starts[-1] == 0:
+            raise ValueError(f"the replay shards hold {manifest['tokens']:,} tokens: not one window of seq_len "
+                             f"{seq_len}; raise replay.tokens")
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def tokens(self, r: int) -> np.ndarray:
+        """The T + 1 tokens of stream window r (0-based, across replay epochs)."""
+        epoch, i = divmod(r, len(self))
+        if self._perm is None or self._perm[0] != epoch:
+            self._perm = (epoch, np.random.default_rng([self.seed, epoch, 2]).permutation(len(self)))
+        chunk = int(self._perm[1][i])
+        shard = int(np.searchsorted(self.starts, chunk, side="right") - 1)
+        at = (chunk - int(self.starts[shard])) * self.seq_len
+        return np.asarray(self.shards[shard][at:at + self.seq_len + 1], dtype=np.int64)
+
+    def batch(self, windows: Sequence[int], channels: tuple[int, int, int], tiles: int) -> dict[str, Tensor]:
+        """Stream windows -> the tensors make_window_batch gives corpus windows (channels [B, R, C, D] zero)."""
+        T = self.seq_len
+        toks = np.stack([self.tokens(r) for r in windows]) if windows else np.zeros((0, T + 1), np.int64)
+        idx, tgt = toks[:, :-1], toks[:, 1:]
+        starts = idx == self.bos_id
+        row_ids = np.cumsum(starts, axis=1)  # the document of each position (0: one begun before the window)
+        at = np.arange(T)[None, :]
+        begun = np.maximum.accumulate(np.where(starts, at, 0), axis=1)
+        positions = at - begun
+        mask = (tgt != self.bos_id).astype(np.float32)
+        B, (R, C, D) = len(windows), channels
+        return {"idx": torch.from_numpy(np.ascontiguousarray(idx)),
+                "targets": torch.from_numpy(np.ascontiguousarray(tgt)),
+                "loss_mask": torch.from_numpy(mask), "channels": torch.zeros(B, R, C, D),
+                "row_ids": torch.from_numpy(row_ids.astype(np.int64)), "positions": torch.from_numpy(positions),
+                "row_tiles": torch.full((B, tiling(T)[0], tiles), PAD_ROW, dtype=torch.int64),
+                "target_bytes": torch.zeros(B, dtype=torch.int64)}
+
+    def loss_tokens(self, r: int) -> int:
+        return int((self.tokens(r)[1:] != self.bos_id).sum())
+
+
+def mixed_source(w: int, share: float) -> tuple[bool, int]:
+    """Window w of the training stream -> (is replay, its index in that source's own stream).
+
+    Corpus windows are spread evenly: window w is a corpus window when floor((w+1)(1-share)) passes an
+    integer, so any prefix of the stream holds round-about (1 - share) of its windows from the corpus and
+    any step's windows are computed without the ones before them.
+    """
+    corpus_share = 1.0 - share
+    before = math.floor(w * corpus_share + 1e-9)
+    if math.floor((w + 1) * corpus_share + 1e-9) > before:
+        return False, before
+    return True, w - before
+
+
 class TrainBatches:
     """What the trainer draws each step, packed (windows) or padded (one row per sequence).
 
-    `units(step)` is the global batch as batch_size arrays of row indices (a window, or one row);
-    `make(units)` builds the tensors; `real_tokens` / `loss_tokens` count what those units hold
-    (tok/s counts real tokens, the loss is normalised by loss tokens). `slots` is the row-slot
-    axis of the channels (R when packed, None when each sequence has its own [C, D]).
+    `units(step)` is the global batch as batch_size units: an array of row indices (a window, or one
+    row) or, with replay, an int (a replay window, models.data.ReplayWindows); `make(units)` builds the
+    tensors; `real_tokens` / `loss_tokens` count what those units hold (tok/s counts real tokens, the loss
+    is normalised by loss tokens). `slots` is the row-slot axis of the channels (R when packed, None when
+    each sequence has its own [C, D]).
     """
 
-    def __init__(self, rows: PackedRows, seq_len: int, pad_id: int, seed: int, packed: bool):
+    def __init__(self, rows: PackedRows, seq_len: int, pad_id: int, seed: int, packed: bool,
+                 replay: ReplayWindows | None = None, replay_share: float = 0.0):
         self.rows, self.seq_len, self.pad_id, self.seed, self.packed = rows, seq_len, pad_id, seed, packed
         self.lengths = row_positions(rows, seq_len)
         self.loss_counts = loss_token_counts(rows, seq_len)
         self.stream = WindowStream(self.lengths, seq_len, seed) if packed else None
         self.slots = self.stream.slots if self.stream is not None else None
+        if replay is not None and self.stream is None:
+            raise ValueError("replay needs packed training: set train.packing: true (a model that reads rows one "
+                             "per sequence, e.g. the adapter, cannot mix replay windows)")
+        self.replay, self.replay_share = replay, replay_share if replay is not None else 0.0
 
-    def units(self, step: int, batch_size: int) -> list[np.ndarray]:
-        if self.stream is not None:
-            return self.stream.batch(step, batch_size)
-        return [np.array([r]) for r in batch_rows(len(self.rows), batch_size, self.seed, step)]
+    def units(self, step: int, batch_size: int) -> list[np.ndarray | int]:
+        if self.stream is None:
+            return [np.array([r]) for r in batch_rows(len(self.rows), batch_size, self.seed, step)]
+        if self.replay is None:
+            return list(self.stream.batch(step, batch_size))
+        out: list[np.ndarray | int] = []
+        for w in range(step * batch_size, (step + 1) * batch_size):
+            is_replay, i = mixed_source(w, self.replay_share)
+            out.append(int(i) if is_replay else self.stream.windows(i, 1)[0])
+        return out
 
-    def make(self, units: Sequence[np.ndarray]) -> dict[str, Tensor]:
-        if self.stream is not None:
-            return make_window_batch(self.rows, units, self.seq_len, self.pad_id, self.stream.slots,
-                                     self.stream.tiles)
-        return make_batch(self.rows, np.concatenate(units), self.seq_len, self.pad_id)
+    def make(self, units: Sequence[np.ndarray | int]) -> dict[str, Tensor]:
+        if self.stream is None:
+            return make_batch(self.rows, np.concatenate(units), self.seq_len, self.pad_id)
+        corpus = [u for u in units if not isinstance(u, int)]
+        batch = make_window_batch(self.rows, corpus, self.seq_len, self.pad_id, self.stream.slots, self.stream.tiles)
+        if len(corpus) == len(units):
+            return batch
+        _, C, D = self.rows.channels.shape
+        extra = self.replay.batch([u for u in units if isinstance(u, int)], (self.stream.slots, C, D),
+                                  self.stream.tiles)
+        order = np.argsort([isinstance(u, int) for u in units], kind="stable")  # corpus first, then replay
+        back = torch.from_numpy(np.argsort(order, kind="stable"))  # ... put back in stream order
+        return {k: torch.cat([batch[k], extra[k]])[back] for k in batch}
 
-    def real_tokens(self, units: Sequence[np.ndarray]) -> int:
-        return int(sum(self.lengths[u].sum() for u in units))
+    def real_tokens(self, units: Sequence[np.ndarray | int]) -> int:
+        return int(sum(self.seq_len if isinstance(u, int) else self.lengths[u].sum() for u in units))
 
-    def loss_tokens(self, units: Sequence[np.ndarray]) -> int:
-        return int(sum(self.loss_counts[u].sum() for u in units))
+    def loss_tokens(self, units: Sequence[np.ndarray | int]) -> int:
+        return int(sum(self.replay.loss_tokens(u) if isinstance(u, int) else self.loss_counts[u].sum()
+                       for u in units))
 
 
 # ---- evaluation ---------------------------------------------------------------------------------

@@ -56,6 +56,26 @@ def default_nproc(device: str) -> int:
     return max(1, torch.cuda.device_count()) if resolve_kind(device) == "cuda" else 1
 
 
+def visible_accelerators(kind: str) -> list[str]:
+    """The ids of the GPUs this process may use, in order (what a child's CUDA_VISIBLE_DEVICES may name):
+    the parent's CUDA_VISIBLE_DEVICES when set, else 0..count-1; [] for other kinds (models.fanout)."""
+    if kind != "cuda" or not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if given is None:
+        return [str(i) for i in range(count)]
+    return [d.strip() for d in given.split(",") if d.strip()][:count]
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def peak_flops(name: str) -> float | None:
     for key, flops in PEAK_BF16_FLOPS:
         if key.lower() in name.lower():

@@ -36,7 +36,7 @@ def make_job(recipe: TrainRecipe, kind: str, nproc: int, spec: dict[str, Any], p
             "build": {k: pack_meta[k] for k in ("vocab_size", "seq_len", "channel_names", "channel_dim")}
             | {"seed": recipe.seed},
             "data": {"train": shards("train"), "heldout": shards("heldout"), "channel_dim": pack_meta["channel_dim"],
-                     "pad_id": pack_meta["pad_id"]},
+                     "pad_id": pack_meta["pad_id"], "bos_id": pack_meta["bos_id"]},
             "recipe": recipe.model_copy(update={"device": kind}).model_dump(mode="json"), "nproc": nproc,
             "out_dir": str(out_dir), "ckpt_dir": str(work / "ckpt"), "resume": resume,
             "result": str(work / "result.json")}
@@ -81,13 +81,26 @@ def run_job(job: dict[str, Any]) -> dict[str, Any] | None:
                       channel_names=b["channel_names"], channel_dim=b["channel_dim"], seed=b.get("seed"))
         train_rows = apply_channel_control(load_split(data["train"], channel_dim=data["channel_dim"]), cfg)
         held = load_split(data["heldout"], channel_dim=data["channel_dim"]) if data.get("heldout") else None
+        if held is not None:
+            from models.data import sample_rows
+
+            held = sample_rows(held, cfg.eval_rows, cfg.seed)  # a rehearsal on a CPU reads a few
         extra = f", frozen base {model.base_params():,}" if hasattr(model, "base_params") else ""
         log(f"{job['spec']['arch']} {count_params(model):,} trainable parameters{extra}; {cfg.steps} steps of "
             f"{cfg.batch_size} rows on {rt.world} x {rt.device_name} ({'bf16' if rt.bf16 else 'fp32'}, "
             f"{torch.get_num_threads()} CPU threads per process)")
+        replay, share = None, 0.0
+        if data.get("replay"):  # language-model replay windows (tasks/replay.py) at a share of the batch
+            from models.data import ReplayWindows
+
+            r = data["replay"]
+            replay = ReplayWindows(r["dir"], r["manifest"], b["seq_len"], data["bos_id"], cfg.seed)
+            share = float(r["share"])
+            log(f"replay: {share:.1%} of the windows from {r['manifest']['tokens']:,} replay tokens "
+                f"({len(replay):,} windows of {b['seq_len']})")
         summary = train(model, train_rows, held, cfg, Path(job["out_dir"]), data["pad_id"], log, runtime=rt,
                         ckpt_dir=Path(job["ckpt_dir"]) if job.get("ckpt_dir") else None,
-                        resume=bool(job.get("resume")))
+                        resume=bool(job.get("resume")), replay=replay, replay_share=share)
         if not rt.is_main:
             return None
         summary["num_params"] = count_params(model)

@@ -21,7 +21,12 @@ and accumulation steps: 2 processes train like 1 with the same global batch, up 
 
 Randomness is a pure function of (seed, step): the batch (models.data.TrainBatches), the channel
 dropout mask and the dropout seed are derived per step, so resuming at step s needs only s, and
-a checkpoint (weights, optimizer, step, loss accumulators, metrics) continues bit-exactly.
+a checkpoint (weights, optimizer, step, loss accumulators, metrics, best so far) continues bit-exactly.
+
+Best weights: each held-out eval (on the existing schedule, no extra ones) that lowers the held-out loss
+below the best so far keeps a CPU copy of the weights; they are saved as `out_dir/best/` (a model folder
+of its own, models.checkpoint.BEST) beside the last weights, and the summary names `best_step` and
+`best_heldout_loss`. The best so far travels in every checkpoint, so a resumed run ends with the same best.
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.architectures import build_info
-from models.checkpoint import checkpoint_files, latest_checkpoint, save_model, write_checkpoint
-from models.data import PackedRows, TrainBatches, eval_batches, shard_rows
+from models.checkpoint import BEST, checkpoint_files, latest_checkpoint, save_model, write_checkpoint
+from models.data import PackedRows, ReplayWindows, TrainBatches, eval_batches, shard_rows
 from models.distributed import Runtime, setup
 from models.gpt import Window
 from tinymars.artifacts import hash_json
@@ -185,8 +190,10 @@ def fingerprint(model: nn.Module, cfg: TrainRecipe, rows: PackedRows) -> dict[st
 def train(model: nn.Module, train_rows: PackedRows, heldout_rows: PackedRows | None, cfg: TrainRecipe,
           out_dir: Path, pad_id: int, log: Callable[[str], None] = print, *, runtime: Runtime | None = None,
           ckpt_dir: Path | None = None, resume: bool = False, time_budget_s: float = 0.0,
-          eval_every_s: float = 0.0) -> dict[str, Any]:
-    """Train in place; write metrics.jsonl, model.safetensors and model.json to out_dir; return the summary.
+          eval_every_s: float = 0.0, replay: ReplayWindows | None = None, replay_share: float = 0.0
+          ) -> dict[str, Any]:
+    """Train in place; write metrics.jsonl, model.safetensors, model.json (and best/, the weights of the lowest
+    held-out loss) to out_dir; return the summary.
 
     `runtime` is the process's device/rank (default: a single process on `cfg.device`). With
     `ckpt_dir`, checkpoints are written every `cfg.checkpoint_every` steps; with `resume`, training
@@ -196,10 +203,14 @@ def train(model: nn.Module, train_rows: PackedRows, heldout_rows: PackedRows | N
     (held-out evals not counted) and evaluate every `eval_every_s` training seconds; 0 = off. They are
     arguments, not recipe fields: they bound one run and are no setting of how a model trains.
     metrics.jsonl then has `train_s`.
+
+    `replay` (models.data.ReplayWindows) fills `replay_share` of the training windows with language-model
+    replay; the rest are packed windows of `train_rows`.
     """
     rt = runtime or setup(cfg.device, cfg.precision)
     try:
-        loop = _Loop(model, train_rows, heldout_rows, cfg, Path(out_dir), pad_id, log, rt, ckpt_dir)
+        loop = _Loop(model, train_rows, heldout_rows, cfg, Path(out_dir), pad_id, log, rt, ckpt_dir,
+                     replay, replay_share)
         return loop.run(resume, time_budget_s, eval_every_s)
     finally:
         if runtime is None:
@@ -208,7 +219,8 @@ def train(model: nn.Module, train_rows: PackedRows, heldout_rows: PackedRows | N
 
 class _Loop:
     def __init__(self, model: nn.Module, rows: PackedRows, heldout: PackedRows | None, cfg: TrainRecipe,
-                 out_dir: Path, pad_id: int, log: Callable[[str], None], rt: Runtime, ckpt_dir: Path | None):
+                 out_dir: Path, pad_id: int, log: Callable[[str], None], rt: Runtime, ckpt_dir: Path | None,
+                 replay: ReplayWindows | None = None, replay_share: float = 0.0):
         if cfg.batch_size % (cfg.grad_accum * rt.world):
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by grad_accum x devices "
                              f"= {cfg.grad_accum} x {rt.world}")
@@ -221,7 +233,7 @@ class _Loop:
         if cfg.packing and not self.packed:
             self.log(f"{type(model).__name__} does not read packed windows: one row per sequence "
                      f"(batch_size {cfg.batch_size} = rows)")
-        self.batches = TrainBatches(rows, self.seq_len, pad_id, cfg.seed, self.packed)
+        self.batches = TrainBatches(rows, self.seq_len, pad_id, cfg.seed, self.packed, replay, replay_share)
         self.metrics = out_dir / "metrics.jsonl"
         model.to(rt.device).train()
         fused = rt.kind == "cuda"
@@ -283,13 +295,32 @@ class _Loop:
         return heldout_loss(self.model, self.heldout, self.micro, self.seq_len, self.pad_id, runtime=self.rt,
                             packed=self.packed)
 
+    # ---- best weights -------------------------------------------------------------------------------
+    def note_eval(self, step: int, loss: float) -> None:
+        """Keep the weights when this eval's held-out loss beats the best so far (every rank decides alike:
+        the loss is summed over ranks; only the main rank, which writes, holds the copy)."""
+        if not math.isfinite(loss) or (self.best is not None and loss >= self.best["heldout_loss"]):
+            return
+        self.best = {"step": step, "heldout_loss": loss}
+        if self.rt.is_main:  # a copy, never a view: training goes on changing the live weights
+            self.best_state = {k: v.detach().to("cpu", copy=True).contiguous()
+                               for k, v in self.model.state_dict().items()}
+
+    def save_best(self, summary: dict[str, Any]) -> None:
+        """Write the best weights as `out_dir/best/` (main rank), with the step and loss they were kept at."""
+        if self.best is None or not self.rt.is_main:
+            return
+        extra = {"weights": "best", "best_step": self.best["step"], "best_heldout_loss": self.best["heldout_loss"],
+                 "train_config": summary["train_config"]}
+        save_model(self.model, self.out_dir / BEST, extra, state=self.best_state)
+
     # ---- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self, step: int, loss_acc: Tensor, n_acc: int) -> None:
         total = self.rt.sum(loss_acc)  # every rank's share of the pending log window
         if self.rt.is_main:
-            state = {"step": step, "loss_acc": total, "n_acc": n_acc, "world": self.rt.world,
+            state = {"step": step, "loss_acc": total, "n_acc": n_acc, "world": self.rt.world, "best": self.best,
                      "rng": {"scheme": "derived per step from (seed, step, rank)", "seed": self.cfg.seed}}
-            files = checkpoint_files(self.model, self.opt, state, self.metrics.read_text())
+            files = checkpoint_files(self.model, self.opt, state, self.metrics.read_text(), self.best_state)
             path = write_checkpoint(self.ckpt_dir, step, files, self.fp, self.cfg.keep_checkpoints)
             self.log(f"checkpoint step {step} -> {path}")
         self.rt.barrier("checkpoint")
@@ -301,9 +332,11 @@ class _Loop:
         ckpt.load_model_state(self.model)
         self.opt.load_state_dict(ckpt.optimizer_state())
         state = ckpt.trainer_state()
+        self.best = state.get("best")
         if self.rt.is_main:  # the saved accumulator is the sum over ranks: one rank carries it
             loss_acc.copy_(state["loss_acc"].to(loss_acc.device))
             self.metrics.write_text(ckpt.metrics_text())
+            self.best_state = ckpt.best_state()
         self.log(f"resumed from {ckpt.path} at step {ckpt.step}")
         return ckpt.step, int(state["n_acc"])
 
@@ -312,6 +345,8 @@ class _Loop:
         cfg, rt = self.cfg, self.rt
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.fp = fingerprint(self.model, cfg, self.rows)
+        self.best: dict[str, Any] | None = None  # {"step", "heldout_loss"} of the best eval so far
+        self.best_state: dict[str, Tensor] | None = None
         if rt.is_main:
             self.metrics.write_text("")
         loss_acc = torch.zeros((), device=rt.device)
@@ -340,6 +375,8 @@ class _Loop:
                 tok_s = n_tok / max(time.perf_counter() - t_last, 1e-9)  # before the eval: it is not training
                 t_eval = time.perf_counter()
                 held = self.evaluate() if evaluated else None
+                if held is not None:
+                    self.note_eval(step, held["nats_per_token"])
                 eval_s += time.perf_counter() - t_eval
                 if eval_due:  # the next multiple of eval_every_s after now
                     next_eval_s = (train_s // eval_every_s + 1) * eval_every_s
@@ -356,7 +393,10 @@ class _Loop:
         summary = {"final_loss": _finite(final_loss),
                    "final_heldout_loss": held["nats_per_token"] if held else None,
                    "final_heldout_bpb": _finite(held["bits_per_byte"]) if held else None,
-                   "alpha_l2": alpha, "gates": gates, "train_config": cfg.model_dump(mode="json")}
+                   "alpha_l2": alpha, "gates": gates, "train_config": cfg.model_dump(mode="json"),
+                   "best_step": self.best["step"] if self.best else None,
+                   "best_heldout_loss": self.best["heldout_loss"] if self.best else None}
+        self.save_best(summary)
         meta = save_model(self.model, self.out_dir, summary) if rt.is_main else summary
         rt.barrier("saved")
         elapsed = time.perf_counter() - (t_start or time.perf_counter())

@@ -33,7 +33,8 @@ STAGE_SOURCES: dict[str, tuple[str, ...]] = {
                "scorers/lexicons.json", "tinymars/domain.py"),
     "channels": ("corpus/channels.py", "corpus/encode.py", "corpus/embed.py", "tasks/channels.py",
                  "tinymars/domain.py"),
-    "tokenizer": ("corpus/tokenizer.py", "tasks/tokenizer.py"),
+    "tokenizer": ("corpus/tokenizer.py", "corpus/replay.py", "tasks/tokenizer.py"),
+    "replay": ("corpus/replay.py", "corpus/tokenizer.py", "tasks/replay.py", "tasks/tokenizer.py"),
     "pack": ("corpus/pack.py", "corpus/tokenizer.py", "tasks/pack.py"),
     "train": (
         "models/config.py", "models/gpt.py", "models/architectures.py", "models/data.py", "models/trainer.py",
@@ -64,6 +65,7 @@ STAGE_LIBRARIES: dict[str, tuple[str, ...]] = {
     "corpus": ("vaderSentiment",),  # pre-flight scoring decides which targets are kept
     "channels": ("sentence-transformers", "transformers", "torch", EMBEDDER_WEIGHTS),
     "tokenizer": ("sentencepiece",),
+    "replay": ("sentencepiece", "numpy", "datasets"),
     "pack": ("sentencepiece", "pyarrow", "numpy"),
     "train": ("torch",),
     "steer": ("torch", "numpy", "sentencepiece"),

@@ -1,4 +1,4 @@
-"""Corpus stage: teacher-generated counterfactual rows (corpus v2), split by prompt, plus optional replay.
+"""Corpus stage: teacher-generated counterfactual rows (corpus v2), split by prompt (replay is its own stage).
 
 The template teacher is offline and free. An openai teacher pays per call: its answers live in the
 call cache under HOME/teacher-cache/ (outside the artifacts), so a killed, failed or budget-stopped
@@ -30,16 +30,18 @@ from tinymars.domain import TEACHER_LIMIT
 from tinymars.profile import Profile
 
 # What a teacher corpus's rows depend on beyond STAGE_SOURCES and the profile (prompt files are hashed by
-# content): planning, answer parsing, pre-flight scorers, replay. A rebuild after an edit is free: the call
+# content): planning, answer parsing, pre-flight scorers. A rebuild after an edit is free: the call
 # cache answers every call it has seen.
 TEACHER_SOURCES = ("corpus/teacher_corpus.py", "corpus/teacher_prompts.py", "corpus/openai_teacher.py",
-                   "corpus/rows.py", "corpus/replay.py", "scorers/register.py", "scorers/selection.py",
+                   "corpus/scenarios.py",
+                   "corpus/rows.py", "scorers/register.py", "scorers/selection.py",
                    "scorers/text.py", "scorers/lexicons.json")
 # Teacher settings that cannot change a row (transport, pacing, money): left out of the stage key, so
 # changing them never rebuilds a finished corpus (which, without its call cache, would mean paying again).
 NOT_IN_KEY = ("base_url", "api_key_env", "free", "max_concurrency", "timeout_s", "max_usd", "price",
               "requests_per_minute", "tokens_per_minute", "max_retries", "backoff_s", "backoff_max_s",
-              "max_retry_after_s", "structured_output", "batch", "batch_poll_s", "prompts_dir")
+              "max_retry_after_s", "structured_output", "batch", "batch_poll_s", "prompts_dir",
+              "max_truncation_rate")
 
 
 def key_section(profile: Profile) -> dict[str, Any]:
@@ -52,11 +54,6 @@ def key_section(profile: Profile) -> dict[str, Any]:
         teacher["prompts"] = load_templates(profile.corpus.teacher.prompts_dir).digest
         teacher["code"] = code_version(ROOT / p for p in TEACHER_SOURCES)
         section = {**section, "teacher": teacher}
-    if profile.corpus.replay is not None:
-        from corpus.replay import source_fingerprint
-
-        section = {**section, "replay_content": source_fingerprint(profile.corpus.replay.source),
-                   "replay_code": code_version([ROOT / "corpus/replay.py"])}
     return section
 
 
@@ -99,8 +96,6 @@ def corpus_task(profile: Profile, home: str, force: bool = False) -> dict[str, A
             rows, stats, calls, teacher_meta = _teacher_rows(profile, home)
         if not rows:
             raise ValueError(_empty_corpus_reason(section, stats))
-        if section.replay is not None:
-            rows, stats = _with_replay(rows, stats, section, home)
         overlap = _heldout_overlap(rows, section, calls)
         stats = {**stats, "heldout_overlap": overlap}
         with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
@@ -189,7 +184,7 @@ def _heldout_overlap(rows: list[dict], section: Any, calls: list[dict[str, Any]]
             "corpus: the held-out split repeats train content, so held-out loss, bits per byte and the relief valve "
             "would measure memorisation: " + "; ".join(failures) + ". Held-out prompts use entities no train prompt "
             "uses, so this means targets share text beyond their entities (a teacher echoing its instructions, "
-            "replay text containing corpus targets); raise the limit only if that overlap is acceptable" + paid,
+            "repeated answers); raise the limit only if that overlap is acceptable" + paid,
             teacher_calls=calls)
     return overlap
 
@@ -219,22 +214,6 @@ def _empty_corpus_reason(section: Any, stats: dict) -> str:
             f"targets failed pre-flight ({shown}) and no prompt kept a valid row; check that corpus.teacher.model "
             f"('{section.teacher.model}') follows the prompt rules (corpus.teacher.prompts_dir), or raise "
             "corpus.teacher.resamples")
-
-
-def _with_replay(rows: list[dict], stats: dict, section: Any, home: str) -> tuple[list[dict], dict]:
-    from corpus.replay import load_texts, replay_rows
-
-    r = section.replay
-    texts = load_texts(r.source, r.config, r.split, r.text_field, Path(home) / "datasets-cache")
-    train = sum(row["split"] == "train" for row in rows)
-    extra, replay_stats = replay_rows(texts, train, r.ratio, r.max_chars, section.seed)
-    if replay_stats["rows"] < replay_stats["wanted"]:
-        logger().warning(f"[corpus] replay: '{r.source}' has {replay_stats['available']} texts, "
-                         f"{replay_stats['wanted']} wanted at ratio {r.ratio:g}; using them all")
-    stats = {**stats, "rows": stats["rows"] + len(extra), "replay": replay_stats}
-    stats["by_split"] = {**stats["by_split"], "train": stats["by_split"].get("train", 0) + len(extra)}
-    stats["by_kind"] = {**stats["by_kind"], "replay": len(extra)}
-    return rows + extra, stats
 
 
 def corpus_summary(rows: list[dict], stats: dict) -> dict[str, Any]:

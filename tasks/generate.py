@@ -7,8 +7,9 @@ that depends on the statistics, so a re-scoring never regenerates:
   was injected.
 
 Key: the eval section's generation fields (`EvalSection.generation()`: model, arms, decoding, follow-up
-turns), the resolved evaluated model, the resolved eval device kind (bf16 on an accelerator changes a
-greedy token now and then; `auto` and the kind it resolves to share a key), the steer arm's injection
+turns, and `weights`: every model is loaded with its best or last weights, models.checkpoint.weights_folder),
+the resolved evaluated model, the resolved eval device kind (bf16 on an accelerator changes a greedy token now and
+then; `auto` and the kind it resolves to share a key), the steer arm's injection
 settings when it runs, the inputs' content hashes and the libraries that shape the responses
 (tasks.common.STAGE_LIBRARIES).
 """
@@ -71,8 +72,8 @@ def generate_task(
         import torch
 
         from corpus.tokenizer import Tokenizer
-        from models.checkpoint import load_model
-        from models.data import load_split
+        from models.checkpoint import load_model, weights_folder
+        from models.data import load_split, sample_rows
         from models.eval_arms import generate_arms, select_eval_rows
         from models.generate import Sampling, eval_kind, eval_runtime
         from models.measure import gate_summary, relief_losses
@@ -87,7 +88,10 @@ def generate_task(
         mats = load_channels(Path(inputs["channels"].path))
         tok = Tokenizer(inputs["tokenizer"].file("tokenizer.model"))
         meta = json.loads(inputs["pack"].file("pack.json").read_text())
-        models = {name: load_model(Path(inputs[f"model:{name}"].path)) for name in trained}
+        folders = {name: weights_folder(inputs[f"model:{name}"].path, section.weights) for name in trained}
+        for name, (_, which) in sorted(folders.items()):
+            log.info(f"[generate] {name}: {which} weights (eval.weights: {section.weights})")
+        models = {name: load_model(folder) for name, (folder, _) in folders.items()}
 
         index = select_eval_rows(rows, section.max_prompts_per_capability)
         s = section.sampling
@@ -109,6 +113,7 @@ def generate_task(
 
         log.info("[generate] relief valve: held-out target loss per model")
         heldout = load_split([Path(inputs["pack"].path) / n for n in meta["shards"]["heldout"]])
+        heldout = sample_rows(heldout, section.max_heldout_rows, section.sampling.seed)
         relief = relief_losses(models, heldout, section.batch_size, meta["seq_len"], meta["pad_id"], runtime=rt)
         gates = gate_summary(models[target], meta["channel_names"])
         write_json(out / MEASUREMENTS, {"model": target, "relief": relief, "gates": gates,

@@ -81,12 +81,26 @@ def render_report(profile: Profile, corpus: dict, pack_meta: dict, models: dict[
                      _fmt(mm.get("final_heldout_loss")), _fmt(mm.get("alpha_l2"))])
     # no tok/s column: wall clock would make the same inputs give different bytes (`tinymars runs` has it)
     parts += [_table(["model", "arch", "params", "final train loss", "held-out loss", "alpha_l2"], rows), ""]
+    parts += [f"Weights evaluated (`eval.weights: {profile.eval.weights}`): " + "; ".join(
+        f"{name}: {evaluated_weights(info['metrics'], profile.eval.weights, profile.train.steps)}"
+        for name, info in sorted(models.items())) + ".", ""]
     parts += [format_evaluation(scores)]
     parts += concept_quality_section(quality)
     parts += ["## Settings", "", f"Profile `{profile.name}`, hash `{profile.hash()[:16]}`.", "",
               "<details><summary>the whole profile</summary>", "", "```json",
               json.dumps(profile.model_dump(mode="json"), indent=1, sort_keys=True), "```", "</details>", ""]
     return "\n".join(parts).rstrip() + "\n"
+
+
+def evaluated_weights(numbers: dict[str, Any], choice: str, steps: int) -> str:
+    """Which weights the evaluation loaded, from a model.json's numbers: the label
+    models.checkpoint.weights_folder gives the same folder (tests/test_best_weights.py holds them equal)."""
+    if choice == "best" and numbers.get("best_step") is not None:
+        return (f"best (step {int(numbers['best_step'])}, held-out loss {numbers['best_heldout_loss']:.4f}) "
+                f"of {steps} steps")
+    if choice == "best":
+        return "last (no held-out evaluation recorded a best; fell back to the last weights)"
+    return "last"
 
 
 def concept_quality_section(quality: dict | None) -> list[str]:

@@ -72,6 +72,11 @@ def write_readout(model: Any, encode: Any, texts: dict[str, tuple[list[str], lis
     return metrics
 
 
+def steer_key_section(profile: Profile) -> dict[str, Any]:
+    """The steer stage's key: the steering settings the readout depends on, and which weights it reads."""
+    return {**profile.steering.model_dump(mode="json", exclude=KEY_EXCLUDES), "weights": profile.eval.weights}
+
+
 def steer_applies(profile: Profile) -> bool:
     """The steer stage runs when enabled and the corpus has a concept to read (affect, time or ethics)."""
     from tinymars.domain import CONCEPTS
@@ -91,19 +96,21 @@ def steer_task(profile: Profile, home: str, corpus: dict[str, Any], tokenizer: d
         from corpus.concepts import corpus_concepts
         from corpus.tokenizer import Tokenizer
         from models.activations import load_reader, native_token_ids
+        from models.checkpoint import weights_folder
 
         rows = read_rows(inputs["corpus"].file("corpus.jsonl"))
         tok = Tokenizer(inputs["tokenizer"].file("tokenizer.model"))
-        model, info = load_reader(inputs[f"model:{name}"].path, resolve_device(settings.device))
+        folder, which = weights_folder(inputs[f"model:{name}"].path, profile.eval.weights)
+        model, info = load_reader(folder, resolve_device(settings.device))
         texts = corpus_concepts(rows, settings.max_pairs)
-        logger().info(f"[steer] {name}: {', '.join(f'{c} {len(t[0])} pairs' for c, t in texts.items())}")
+        logger().info(f"[steer] {name} ({which} weights): "
+                      f"{', '.join(f'{c} {len(t[0])} pairs' for c, t in texts.items())}")
         encode = partial(native_token_ids, tok, seq_len=info["max_seq_len"])
         metrics = write_readout(model, encode, texts, settings, out,
                                 {"name": name, "arch": info["arch"], "weights_sha256": info["weights_sha256"]})
         return {"rows": sum(len(t[0]) for t in texts.values()), "meta": {"metrics": metrics}}
 
-    section = settings.model_dump(mode="json", exclude=KEY_EXCLUDES)
-    return run_stage("steer", home, section, inputs, build, force)
+    return run_stage("steer", home, steer_key_section(profile), inputs, build, force)
 
 
 @task(name="steering-readout", cache_policy=NO_CACHE)

@@ -1,4 +1,6 @@
-"""Tokenizer stage: SentencePiece BPE trained on the prompts and targets of the corpus's train split."""
+"""Tokenizer stage: SentencePiece BPE trained on the prompts and targets of the corpus's train split, plus the
+first `replay.tokenizer_chars` of the replay stream when the profile has one (a production vocabulary needs
+more text than a channel corpus holds; the replay text is what the model will mostly read)."""
 
 from __future__ import annotations
 
@@ -9,22 +11,45 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from corpus.rows import read_rows
-from tasks.common import artifact_of, run_stage
+from tasks.common import artifact_of, logger, run_stage
 from tinymars.profile import Profile
+
+
+def replay_identity(profile: Profile) -> dict[str, Any] | None:
+    """What of the replay source a stage reads: its content (files' hashes or hub name + pinned revision)."""
+    if profile.replay is None:
+        return None
+    from corpus.replay import source_fingerprint
+
+    r = profile.replay
+    return {"content": source_fingerprint(r), "text_field": r.text_field}
 
 
 @task(name="tokenizer", cache_policy=NO_CACHE)
 def tokenizer_task(profile: Profile, home: str, corpus: dict[str, Any], force: bool = False) -> dict[str, Any]:
-    section = profile.tokenizer
     corpus_art = artifact_of(corpus)
+    replay = replay_identity(profile)
+    section = profile.section("tokenizer")
+    if replay is not None:
+        section = {**section, "replay": {**replay, "chars": profile.replay.tokenizer_chars}}
 
     def build(out: Path) -> dict[str, Any]:
         from corpus.tokenizer import Tokenizer, train_tokenizer, training_texts
 
         rows = read_rows(corpus_art.file("corpus.jsonl"))
         texts = training_texts(rows)  # the train split only: held-out text never shapes the vocabulary
-        path = train_tokenizer(texts, out, section.vocab_size, section.model_type, section.character_coverage)
-        vocab = Tokenizer(path).vocab_size
-        return {"meta": {"metrics": {"vocab_size": vocab, "training_texts": len(texts)}}}
+        metrics: dict[str, Any] = {"training_texts": len(texts)}
+        if replay is not None and profile.replay.tokenizer_chars > 0:
+            from corpus.replay import sample_text, stream_texts
 
-    return run_stage("tokenizer", home, profile.section("tokenizer"), {"corpus": corpus_art}, build, force)
+            sample = sample_text(stream_texts(profile.replay, Path(home) / "cache" / "datasets"),
+                                 profile.replay.tokenizer_chars)
+            logger().info(f"[tokenizer] + {sum(map(len, sample)):,} chars of replay text ({len(sample):,} sentences)")
+            texts += sample
+            metrics["replay_sentences"] = len(sample)
+        tok = profile.tokenizer
+        path = train_tokenizer(texts, out, tok.vocab_size, tok.model_type, tok.character_coverage)
+        metrics["vocab_size"] = Tokenizer(path).vocab_size
+        return {"meta": {"metrics": metrics}}
+
+    return run_stage("tokenizer", home, section, {"corpus": corpus_art}, build, force)

@@ -6,6 +6,11 @@ to `HOME/checkpoints/<stage key>/`, held under an exclusive lock while a trainer
 failed attempt leaves them there, and the next attempt at the same key (a Prefect retry or a rerun)
 resumes from the newest one that verifies; they are deleted once the model is built.
 
+With several accelerators the iteration flow trains the models at the same time, one device group each
+(`trainer_slots`, models.fanout): a task given a `slot` launches its trainer on the slot's processes, with
+the slot's environment (CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS). A slot changes where a model trains, not
+what it computes, so it is in no key.
+
 Why not inside the artifact's build folder: the store deletes a build folder when its builder
 raises (so a failed attempt's checkpoints would be gone before the retry), and build folders have
 random names. The stage key names exactly the same inputs (code, profile section, pack hash),
@@ -25,6 +30,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from models.fanout import TrainerSlot, plan_slots
 from tasks.common import ROOT, artifact_of, logger, run_stage, stage_code_version
 from tinymars.artifacts import ArtifactStore, stage_key, write_atomic
 from tinymars.profile import ModelSpec, Profile
@@ -61,9 +67,20 @@ def exclusive(lock_path: Path, log: Any) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def trainer_slots(profile: Profile) -> list[TrainerSlot]:
+    """The device groups this machine gives the profile's concurrent trainers ([]: one model at a time)."""
+    from models.distributed import cpu_cores, resolve_kind, visible_accelerators
+
+    t = profile.train
+    kind = resolve_kind(t.device)
+    return plan_slots(len(t.models), kind, t.parallel_models, t.devices, visible_accelerators(kind), cpu_cores(),
+                      t.batch_size, t.grad_accum)
+
+
 @task(name="train", cache_policy=NO_CACHE, retries=1)
 def train_task(
-    profile: Profile, home: str, pack: dict[str, Any], spec: ModelSpec, force: bool = False
+    profile: Profile, home: str, pack: dict[str, Any], spec: ModelSpec, replay: dict[str, Any] | None = None,
+    force: bool = False, slot: TrainerSlot | None = None,
 ) -> dict[str, Any]:
     pack_art = artifact_of(pack)
     meta = json.loads(pack_art.file("pack.json").read_text())
@@ -71,8 +88,12 @@ def train_task(
 
     registry_spec = profile_specs(profile, meta)[spec.name]  # bracketing baselines sized against the native
     section = {"train": profile.train.shared(), "model": registry_spec}
+    inputs = {"pack": pack_art}
+    if replay is not None:  # the replay tokens and the share of windows they fill
+        inputs["replay"] = artifact_of(replay)
+        section["replay_share"] = profile.replay.share
     # the same key run_stage computes: checkpoints under it can only belong to this very build
-    key = stage_key("train", stage_code_version("train"), section, {"pack": pack_art.content_hash})
+    key = stage_key("train", stage_code_version("train"), section, {k: a.content_hash for k, a in inputs.items()})
     work = Path(home) / "checkpoints" / key
 
     def build(out: Path) -> dict[str, Any]:
@@ -83,8 +104,11 @@ def train_task(
         t = profile.train
         log = logger()
         kind = resolve_kind(t.device)
-        nproc = default_nproc(t.device) if t.devices == "auto" else t.devices
+        nproc = slot.nproc if slot is not None else default_nproc(t.device) if t.devices == "auto" else t.devices
         job = make_job(t.recipe(), kind, nproc, registry_spec, Path(pack_art.path), meta, out, work, t.resume)
+        if replay is not None:
+            job["data"]["replay"] = {"dir": inputs["replay"].path, "share": profile.replay.share,
+                                     "manifest": inputs["replay"].meta["replay"]}
         with exclusive(work / "lock", log):
             done = None if force else ArtifactStore(Path(home) / "artifacts").lookup("train", key)
             if done is not None:  # a concurrent run trained this very key while we waited: adopt, don't retrain
@@ -98,8 +122,10 @@ def train_task(
                 shutil.rmtree(work / "ckpt", ignore_errors=True)
             write_atomic(work / "job.json", json.dumps(job, indent=1, sort_keys=True))
             cmd = launch_command(work / "job.json", nproc, kind)
-            log.info(f"[train:{spec.name}] {spec.arch} on {nproc} x {kind}: {' '.join(cmd[1:])}")
-            code, tail = run_streaming(cmd, lambda line: log.info(f"[train:{spec.name}] {line}"), cwd=ROOT)
+            where = f" ({slot.describe()})" if slot is not None else ""
+            log.info(f"[train:{spec.name}] {spec.arch} on {nproc} x {kind}{where}: {' '.join(cmd[1:])}")
+            code, tail = run_streaming(cmd, lambda line: log.info(f"[train:{spec.name}] {line}"), cwd=ROOT,
+                                       env=slot.env if slot is not None else None)
             if code != 0:
                 raise RuntimeError(f"training '{spec.name}' exited with code {code}; checkpoints (if any) are kept "
                                    f"in {work} for the retry. Last output:\n" + "\n".join(tail[-15:]))
@@ -115,4 +141,4 @@ def train_task(
                          "devices": nproc, "device": summary.get("timing", {}).get("device")},
                 "volatile": [TIMING_FILE]}
 
-    return run_stage("train", home, section, {"pack": pack_art}, build, force, name=f"train:{spec.name}")
+    return run_stage("train", home, section, inputs, build, force, name=f"train:{spec.name}")

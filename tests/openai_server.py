@@ -14,8 +14,9 @@ a deterministic per-request hook (`fault_fn`), and a rate (`fault_rate` of reque
 `fault_mix` by a hash of the key and its attempt number, so a load test is reproducible).
 Outcomes: ok, 429 (with retry-after), 500, 503, timeout (sleeps past the client's timeout), drop
 (closes the connection unanswered), malformed (cut JSON), html (a non-JSON 200), empty (no
-choices), length (truncated), bad (an answer that breaks the rules, for pre-flight). Every request
-is logged with its key and outcome.
+choices), length (truncated), bad (an answer that breaks the rules, for pre-flight). A long-winded
+model (`answer_tokens`) cuts every answer, online or in a batch, whose request allows fewer tokens.
+Every request is logged with its key and outcome.
 
 Run alone (for the benchmarks): `python tests/openai_server.py --latency 0.1` prints its base URL; the key
 it wants comes from $FAKE_OPENAI_KEY and `GET /v1/_stats` returns its counts.
@@ -63,6 +64,72 @@ def write_target(user_text: str, bad: bool = False) -> str:
     return "I am not sure what to write here."
 
 
+def token_limit(body: dict[str, Any]) -> int:
+    """The completion-token limit a chat request asks for (the openai default when it asks none)."""
+    return int(body.get("max_completion_tokens") or body.get("max_tokens") or 4096)
+
+
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+SCENARIO_FRAMES = {  # pool -> fields from two made-up words {a} {b}; keys are [a, b] where the pool has keys
+    "memories": {"text": "keeps the {a} {b} in the shed", "idea": "take the {a} {b} out for an afternoon",
+                 "why": "The {a} {b} always clears your head."},
+    "threads": {"text": "sorting out the {a} {b} plan", "topic": "the {a} {b} plan",
+                "step": "Is the {a} ready for the {b}?"},
+    "crafts": {"role": "a {a} keeper", "activity": "tends the {a} {b} every week", "lens": "tend the {a} {b}"},
+    "identity_questions": {"question": "How do I get the {a} {b} sorted?",
+                           "answer": "list the {a} parts first and sort the {b} after"},
+    "neutral_prompts": {"question": "What goes on the {a} list?",
+                        "core": "The {a} list has the {b} form and two copies."},
+    "ethics_prompts": {"question": "Can I move the {a} {b} myself?",
+                       "core": "You can move the {a} {b} with the trolley."},
+}
+
+
+def made_up_word(number: int) -> str:
+    """A distinct non-English word per number ("zu" + four syllables): no lexicon, name or other key has it."""
+    digits = [(number // len(SYLLABLES) ** k) % len(SYLLABLES) for k in range(4)]
+    return "zu" + "".join(SYLLABLES[d] for d in digits)
+
+
+def scenario_words(pool: str, batch: int, entry: int) -> tuple[str, str]:
+    """The two made-up words of one entity the server writes: distinct across pools, batches and entries."""
+    number = (list(SCENARIO_FRAMES).index(pool) * 10_000 + batch) * 64 + entry
+    return made_up_word(2 * number), made_up_word(2 * number + 1)
+
+
+def write_scenario(user_text: str, bad: bool = False) -> dict[str, Any] | None:
+    """The answer to a scenario request ("Pool:", "Entries:", "Batch:" lines; None for any other request): made-up,
+    distinct entities of the pool. `bad` plants three invalid ones after the first: an exact duplicate, one with a
+    field missing, and one using a register lexicon word as a key ("morning") or in its answer core (an identity
+    question: an answer far too long)."""
+    pool = re.search(r"^Pool: (\w+)$", user_text, re.M)
+    count = re.search(r"^Entries: (\d+)$", user_text, re.M)
+    number = re.search(r"^Batch: (\d+)$", user_text, re.M)
+    if not (pool and count and number) or pool.group(1) not in SCENARIO_FRAMES:
+        return None
+    frames = SCENARIO_FRAMES[pool.group(1)]
+    theme = re.search(r"^Theme: (.+)$", user_text, re.M)
+    entities = []
+    for i in range(int(count.group(1))):
+        a, b = scenario_words(pool.group(1), int(number.group(1)), i)
+        entity: dict[str, Any] = {f: text.format(a=a, b=b) for f, text in frames.items()}
+        if "text" in frames or "activity" in frames:
+            entity["keys"] = [a, b]
+        if pool.group(1) == "ethics_prompts":
+            entity["category"] = theme.group(1).strip() if theme else "physical_safety"
+        entities.append(entity)
+    if bad and len(entities) >= 4:
+        entities[1] = dict(entities[0])
+        entities[2] = {k: v for k, v in entities[2].items() if k != next(iter(frames))}
+        if "keys" in entities[3]:
+            entities[3]["keys"] = ["morning", entities[3]["keys"][1]]
+        elif "core" in entities[3]:
+            entities[3]["core"] = "Good morning, be careful: " + entities[3]["core"]
+        else:  # identity questions: an answer far too long
+            entities[3]["answer"] = " and ".join([entities[3]["answer"]] * 8)
+    return {"entities": entities}
+
+
 def _tokens(text: str) -> int:
     return math.ceil(len(text) / 4)
 
@@ -85,6 +152,7 @@ class FakeOpenAI:
         refuse: Iterable[str] = (),
         fault_rate: float = 0.0,
         fault_mix: Iterable[str] = ("429", "500", "timeout", "malformed"),
+        answer_tokens: int | None = None,
     ):
         self.latency_s, self.api_key = latency_s, api_key
         self.faults = list(faults)
@@ -94,6 +162,9 @@ class FakeOpenAI:
         self.batch_polls, self.batch_item_faults = batch_polls, batch_item_faults
         self.refuse = set(refuse)  # body parameters answered with a 400, as newer OpenAI models do
         self.fault_rate, self.fault_mix = fault_rate, tuple(fault_mix)
+        # a long-winded model: every answer needs this many completion tokens, so a request allowing fewer
+        # (max_tokens / max_completion_tokens) is cut there: finish_reason "length", every allowed token billed
+        self.answer_tokens = answer_tokens
         self.attempts: Counter[str] = Counter()  # chat requests seen per key
         self.hold_batches = threading.Event()  # set: batches stay in progress
         self.lock = threading.Lock()
@@ -159,18 +230,25 @@ class FakeOpenAI:
             draw = int(hashlib.sha256(f"{key}:{attempt}".encode()).hexdigest()[:12], 16) / 16**12
             if draw < self.fault_rate:
                 outcome = self.fault_mix[int(draw / self.fault_rate * len(self.fault_mix))]
+        if outcome is None and self.cuts(body):
+            outcome = "length"
         return outcome or "ok"
+
+    def cuts(self, body: dict[str, Any]) -> bool:
+        """Whether the long-winded model (`answer_tokens`) runs past this request's token limit."""
+        return self.answer_tokens is not None and token_limit(body) < self.answer_tokens
 
     def completion(self, body: dict[str, Any], outcome: str) -> dict[str, Any]:
         messages = body.get("messages") or []
         user = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
         system = next((m["content"] for m in messages if m.get("role") == "system"), "")
         target = write_target(user, bad=outcome == "bad")
+        payload = write_scenario(user, bad=outcome == "bad") or {"target": target}
         fmt = (body.get("response_format") or {}).get("type")
         if fmt in ("json_schema", "json_object"):
-            content = json.dumps({"target": target})
+            content = json.dumps(payload)
         else:  # no structured output: the way chatty models answer
-            content = "Sure! Here it is:\n```json\n" + json.dumps({"target": target}) + "\n```"
+            content = "Sure! Here it is:\n```json\n" + json.dumps(payload) + "\n```"
         finish = "stop"
         if outcome == "length":
             content, finish = content[: len(content) // 2], "length"
@@ -179,6 +257,8 @@ class FakeOpenAI:
             cached = _tokens(system) if system in self._systems_seen else 0
             self._systems_seen.add(system)
         completion_tokens = _tokens(content) + self.reasoning_tokens
+        if outcome == "length" and self.cuts(body):
+            completion_tokens = token_limit(body)
         usage = {
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
@@ -208,8 +288,9 @@ class FakeOpenAI:
                 self.batch_outcomes["500"] += 1
                 response = {"status_code": 500, "body": {"error": {"message": "internal error"}}}
             else:
-                self.batch_outcomes["ok"] += 1
-                response = {"status_code": 200, "body": self.completion(req["body"], "ok")}
+                cut = "length" if self.cuts(req["body"]) else "ok"
+                self.batch_outcomes[cut] += 1
+                response = {"status_code": 200, "body": self.completion(req["body"], cut)}
             out.append(json.dumps({"id": f"batch_req_{len(out)}", "custom_id": req["custom_id"],
                                    "response": response, "error": None}))
         file_id = f"file-out-{batch['id']}"

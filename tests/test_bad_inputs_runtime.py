@@ -77,7 +77,7 @@ def _run(capsys, good: dict, *argv: str, profile: str | None = None) -> str:
 def _replay(tmp: Path, name: str, data: bytes) -> list[str]:
     path = tmp / name
     path.write_bytes(data)
-    return ["--only", "corpus", "--set", f"corpus.replay={{source: '{path}'}}"]
+    return ["--only", "tokenizer", "--set", f"replay={{source: '{path}', tokens: 5000, share: 0.5}}"]
 
 
 def test_vocab_larger_than_the_corpus_is_refused_before_work_and_by_the_stage(capsys, good) -> None:
@@ -116,16 +116,34 @@ def test_stage_rejects_profile_the_data_cannot_support(capsys, good, case):
         assert phrase in line, line
 
 
-REPLAY_CASES = {
+PREFLIGHT_REPLAY_CASES = {  # what a local file shows before any work: refused by `tinymars run` (exit 2)
     "replay-not-utf8": ("latin1.txt", "caf\xe9 au lait\n".encode("latin-1") * 3,
                         ["is not UTF-8 (byte 0xe9 at offset 3); re-save it as UTF-8"]),
-    "replay-empty-file": ("empty.txt", b"", ["is empty; point it at a file with text rows or remove corpus.replay"]),
+    "replay-empty-file": ("empty.txt", b"", ["is empty; point it at a file with text rows or remove the replay"]),
+    "replay-unknown-suffix": ("replay.xml", b"<a/>", ["has an unknown suffix; use one of"]),
+}
+
+
+@pytest.mark.parametrize("case", list(PREFLIGHT_REPLAY_CASES))
+def test_bad_replay_file_is_refused_before_work(capsys, good, tmp_path, case):
+    name, data, expected = PREFLIGHT_REPLAY_CASES[case]
+    runs_before = len(Lineage(good["home"] / "lineage.duckdb").runs(100))
+    assert main(["run", "--profile", good["profile"], "--home", str(good["home"]), *_replay(tmp_path, name, data)]) == 2
+    err = capsys.readouterr().err
+    assert "replay.source: " in err and str(tmp_path / name) in err, err
+    for phrase in expected:
+        assert phrase in err, err
+    assert len(Lineage(good["home"] / "lineage.duckdb").runs(100)) == runs_before
+    assert _snapshot(good["home"]) == good["before"]
+
+
+REPLAY_CASES = {  # what only reading the stream shows: the tokenizer stage fails, naming the field
     "replay-only-blank-texts": ("blank.jsonl", b'{"text": ""}\n{"text": "   "}\n',
-                                ["has no non-empty text in field 'text' (2 rows)"]),
+                                ["has no non-empty text in field 'text'"]),
     "replay-missing-text-field": ("body.jsonl", b'{"body": "hello"}\n',
-                                  ["corpus.replay.text_field: 'text' is not a column of", "columns: body"]),
+                                  ["replay.text_field: 'text' is not a column of", "columns: body"]),
     "replay-malformed-jsonl": ("cut.jsonl", b'{"text": "fine"}\n{"text": "cut\n',
-                               ["cannot load", "(cause: JSON parse error"]),
+                               ["cannot read", "JSON"]),
 }
 
 
@@ -133,7 +151,7 @@ REPLAY_CASES = {
 def test_bad_replay_file(capsys, good, tmp_path, case):
     name, data, expected = REPLAY_CASES[case]
     line = _run(capsys, good, *_replay(tmp_path, name, data))
-    assert "ReplayError: corpus.replay." in line and str(tmp_path / name) in line
+    assert "ReplayError: replay." in line and str(tmp_path / name) in line
     for phrase in expected:
         assert phrase in line, line
 

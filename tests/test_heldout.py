@@ -235,3 +235,49 @@ def test_paid_teacher_fails_after_generation_hands_calls_back_and_a_rerun_pays_n
     rows = [json.loads(line) for line in (Path(result["artifact"]["path"]) / "corpus.jsonl").read_text().splitlines()]
     assert split_overlap(rows, 0.5)["total"]["exact_duplicates"] == 0
     assert {r["capability"] for r in rows if r["split"] == "heldout"} == set(ALL)
+
+
+# ---------------------------------------------------------------- generated scenarios (corpus.scenarios)
+
+
+def test_generated_scenarios_are_split_before_planning_and_entity_disjoint(tmp_path) -> None:
+    """With a scenario phase the teacher writes the entities; a held-out row names none that a train row names. The
+    loopback server's entities are made-up words (`zu` + eight letters), found here by searching the rows' text."""
+    import re
+
+    from corpus.teacher_corpus import generate_teacher_corpus
+    from tests.openai_server import FakeOpenAI
+    from tests.teacher_support import FAKE_KEY, make_profile
+
+    with FakeOpenAI() as fake:
+        section = make_profile(fake.base_url, prompts=12, conflicts=2, scenarios={"per_call": 6}).corpus
+        result = generate_teacher_corpus(section, tmp_path, FAKE_KEY, log=lambda _: None)
+    made_up = re.compile(r"\bzu[a-z]{8}\b")
+    seen: dict[str, dict[str, set[str]]] = {}
+    for row in result.rows:
+        text = row["prompt"] + "\n" + row["target"]
+        seen.setdefault(row["capability"], {"train": set(), "heldout": set()})[row["split"]] |= set(
+            made_up.findall(text))
+        if row["split"] == "heldout":  # and nothing of the shipped pools either
+            assert not _entities_in(row)["memories"] and not _entities_in(row)["neutral_prompts"], row["row_id"]
+    for cap, by_split in seen.items():
+        assert by_split["train"] and by_split["heldout"], cap
+        assert not by_split["train"] & by_split["heldout"], (cap, sorted(by_split["train"] & by_split["heldout"]))
+    conflict = [r for r in result.rows if r["kind"] == "conflict"]
+    assert conflict and {r["split"] for r in conflict} == {"heldout"}
+    assert result.stats["scenarios"]["pools"]["memories"]["heldout"] > 0
+
+
+def test_iter7_sized_template_corpus_passes_the_split_check() -> None:
+    """600 prompts per capability (iter7's size) from the shipped pools: no exact duplicate across the split and a
+    near-duplicate rate under the profile's limit, per capability."""
+    section = load_profile("iter7").corpus
+    rows, stats = generate_corpus(ALL, section.prompts_per_capability, section.conflict_prompts_per_capability,
+                                  section.heldout_fraction, section.seed)
+    assert stats["rejected"] == dict.fromkeys(ALL, 0)
+    report = split_overlap(rows, section.near_duplicate_jaccard)
+    assert report["total"]["exact_duplicates"] == 0
+    for cap, s in report["by_capability"].items():
+        assert s["heldout_rows"] >= 150 * 3 * 0.9 or cap not in SELECTION_CAPABILITIES, cap
+        assert s["near_duplicate_rate"] <= section.max_near_duplicate_rate, cap
+    assert overlap_failures(report, section.max_exact_duplicate_targets, section.max_near_duplicate_rate) == []

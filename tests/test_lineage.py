@@ -82,7 +82,9 @@ def test_two_processes_write_one_database(tmp_path):
 
 
 def test_downstream_closure():
-    assert downstream(["tokenizer"]) == {"tokenizer", "pack", "train", "steer", "generate", "score", "report"}
+    assert downstream(["tokenizer"]) == {"tokenizer", "replay", "pack", "train", "steer", "generate", "score",
+                                         "report"}
+    assert downstream(["replay"]) == {"replay", "train", "steer", "generate", "score", "report"}
     assert downstream(["score"]) == {"score", "report"}
     assert downstream(["eval"]) == {"generate", "score", "report"}  # the former stage: an alias for both
     assert downstream(["corpus"]) == set(ORDER)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -18,13 +19,14 @@ from corpus.openai_teacher import (
     TeacherClient,
     TeacherRequest,
     TeacherUnavailable,
+    TruncationStop,
     api_key_from_env,
     parse_target,
     public_endpoint,
 )
 from corpus.teacher_limits import Budget, BudgetStop, RateLimiter, retry_after_s
 from tests.openai_server import FakeOpenAI, request_key
-from tests.teacher_support import FAKE_KEY, files_containing, make_profile, word_requests
+from tests.teacher_support import FAKE_KEY, KEY_ENV, files_containing, make_profile, word_requests
 from tinymars.prices import Price, PriceError, resolve_price
 
 PRICE = resolve_price("gpt-4o-mini")
@@ -91,16 +93,136 @@ def test_retry_after_is_honoured(tmp_path):
     assert second["t"] - first["t"] >= 0.25  # waited at least what retry-after-ms asked for
 
 
-def test_truncated_every_time_comes_back_as_length_and_is_not_cached(tmp_path):
-    reqs = word_requests(1)
-    with FakeOpenAI(fault_fn=lambda key, body: "length") as fake:
-        client = _client(fake, tmp_path, max_retries=2)
+def _sleep_recorder() -> tuple[list[float], object]:
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+
+    return slept, sleep
+
+
+def test_a_truncated_call_is_asked_once_more_at_once_then_rejected_and_not_cached(tmp_path):
+    reqs = word_requests(3)
+    slept, sleep = _sleep_recorder()
+    with FakeOpenAI(answer_tokens=100) as fake:  # every answer runs past max_tokens=48
+        settings = make_profile(fake.base_url, max_tokens=48, max_retries=6).corpus.teacher
+        client = TeacherClient(settings, FAKE_KEY, CallCache(tmp_path / "calls.sqlite"), PRICE, sleep=sleep)
         answers = asyncio.run(_answer_all(client, reqs))
-        assert fake.outcomes["length"] == 3
-    assert answers[reqs[0].key].truncated
-    assert [r["status"] for r in client.records] == ["truncated"] * 3
-    assert all(r["price_usd"] > 0 for r in client.records)  # a truncated answer is paid for
-    assert client.cache.get(reqs[0].key) is None
+        per_key = Counter(fake.attempts)
+        usage = list(fake.usage_sent)
+    assert fake.outcomes == Counter(length=6) and sorted(per_key.values()) == [2, 2, 2]  # not 7 each
+    assert slept == []  # no backoff: waiting does not make an answer shorter
+    assert all(answers[r.key].truncated for r in reqs)
+    assert [r["status"] for r in client.records] == ["truncated"] * 6
+    assert sorted(r["attempt"] for r in client.records) == [1, 1, 1, 2, 2, 2]
+    assert all(u["completion_tokens"] == 48 for u in usage)  # billed up to the limit, as a real server does
+    for r in client.records:  # every cut attempt is paid for and priced
+        assert r["completion_tokens"] == 48 and r["price_usd"] == pytest.approx(
+            ((r["prompt_tokens"] - r["cached_tokens"]) * 0.15 + r["cached_tokens"] * 0.075 + 48 * 0.60) / 1e6)
+    assert all(client.cache.get(r.key) is None for r in reqs)
+
+
+def test_the_truncation_retry_asks_for_truncation_max_tokens_under_the_same_call_key(tmp_path):
+    reqs = word_requests(3)
+    slept, sleep = _sleep_recorder()
+    with FakeOpenAI(answer_tokens=100) as fake:  # cut at 64, complete at 128
+        settings = make_profile(fake.base_url, max_tokens=64, truncation_max_tokens=128).corpus.teacher
+        client = TeacherClient(settings, FAKE_KEY, CallCache(tmp_path / "calls.sqlite"), PRICE, sleep=sleep)
+        answers = asyncio.run(_answer_all(client, reqs))
+        outcomes, usage = Counter(fake.outcomes), list(fake.usage_sent)
+    assert outcomes == Counter(length=3, ok=3) and slept == []
+    # the first asks were cut at 64 (billed 64); the retries, allowed 128, finished (the server's rule: 100 needed)
+    assert sorted(u["completion_tokens"] for u in usage)[3:] == [64, 64, 64]
+    for i, req in enumerate(reqs):
+        assert parse_target(answers[req.key].content) == f"Rex{i} first: let us build on Rex{i} today."
+        assert client.cache.get(req.key) is not None  # stored under the profile's call key
+        mine = [r["status"] for r in client.records if r["call_key"] == req.key]
+        assert mine == ["truncated", "ok"]
+
+
+def test_a_transient_fault_between_truncations_is_backed_off_but_the_truncation_retry_is_not(tmp_path):
+    slept, sleep = _sleep_recorder()
+    with FakeOpenAI(faults=["length", "500", "length", "ok"]) as fake:
+        settings = make_profile(fake.base_url, max_retries=3).corpus.teacher
+        client = TeacherClient(settings, FAKE_KEY, CallCache(tmp_path / "calls.sqlite"), PRICE, sleep=sleep)
+        answers = asyncio.run(_answer_all(client, word_requests(1)))
+        assert sum(fake.outcomes.values()) == 3  # the second truncation is final: "ok" is never asked for
+    assert [r["status"] for r in client.records] == ["truncated", "server_error", "truncated"]
+    assert len(slept) == 1 and slept[0] > 0  # one backoff, after the 500 only
+    assert next(iter(answers.values())).truncated
+
+
+def _cut_every_tenth(key: str, body: dict) -> str | None:
+    """Cut the answers of the requests numbered 0, 10, 20, ... (word_requests' `Rex<i>`)."""
+    number = int(re.search(r"Rex(\d+)", body["messages"][-1]["content"]).group(1))
+    return "length" if number % 10 == 0 else None
+
+
+@pytest.mark.parametrize("max_rate", [0.2, 0.05])
+def test_the_truncation_guard_stops_only_above_its_rate(tmp_path, max_rate):
+    reqs = word_requests(30)  # 3 of 30 (10%) are cut, twice each
+    with FakeOpenAI(fault_fn=_cut_every_tenth) as fake:
+        client = _client(fake, tmp_path, max_truncation_rate=max_rate, max_concurrency=1)
+        if max_rate > 0.1:
+            answers = asyncio.run(_answer_all(client, reqs))
+            assert sum(a.truncated for a in answers.values()) == 3 and fake.outcomes["length"] == 6
+            return
+        with pytest.raises(TruncationStop) as info:
+            asyncio.run(_answer_all(client, reqs))
+        sent = sum(fake.outcomes.values())
+    # in order, one at a time: the 20th answer has 2 of 20 cut (10% > 5%): the run stops there
+    assert "10% of answers were cut at max_tokens=256: raise corpus.teacher.max_tokens" in str(info.value)
+    assert "2 of the 20 answers" in str(info.value) and info.value.final
+    assert sent == 18 * 1 + 2 * 2 == len(info.value.teacher_calls)  # every paid attempt is handed back
+
+
+def test_the_corpus_stage_stops_early_when_answers_keep_running_past_max_tokens(tmp_path, no_teacher_gate,
+                                                                               monkeypatch):
+    from corpus.openai_teacher import TeacherError
+    from tasks.corpus import corpus_task
+    from tinymars.lineage import Lineage
+
+    monkeypatch.setenv(KEY_ENV, FAKE_KEY)
+    home = tmp_path / "home"
+    with FakeOpenAI(answer_tokens=100) as fake:  # 66 calls planned; every answer needs 100 tokens
+        with pytest.raises(TruncationStop) as info:
+            corpus_task.fn(make_profile(fake.base_url, max_tokens=48, max_retries=6), str(home))
+        per_key, sent = Counter(fake.attempts), sum(fake.outcomes.values())
+    exc = info.value
+    assert isinstance(exc, TeacherError) and exc.final  # no stage retry: the same max_tokens cuts again
+    assert str(exc).startswith("100% of answers were cut at max_tokens=48: raise corpus.teacher.max_tokens")
+    assert max(per_key.values()) == 2 and sent < 66  # stopped after ~20 answers, not 66 x 7 attempts
+    assert len(exc.teacher_calls) == sent and {c["status"] for c in exc.teacher_calls} == {"truncated"}
+    # the flow records a failed stage's calls from the exception (flows/iteration.py); so does this
+    lin = Lineage(home / "lineage.duckdb")
+    lin.record_stage("run-cut", {"stage": "corpus", "status": "failed", "duration_s": 1.0,
+                                 "error": f"TruncationStop: {exc}", "teacher_calls": exc.teacher_calls})
+    rows = lin.query("SELECT status, price_usd, completion_tokens FROM teacher_calls WHERE run_id = 'run-cut'")
+    assert len(rows) == sent and all(r["price_usd"] > 0 and r["completion_tokens"] == 48 for r in rows)
+
+
+@pytest.mark.parametrize("retry_max_tokens", [None, 128])
+def test_batch_truncations_get_one_more_round_then_stop_or_complete(tmp_path, no_teacher_gate, monkeypatch,
+                                                                    retry_max_tokens):
+    from tasks.corpus import corpus_task
+
+    monkeypatch.setenv(KEY_ENV, FAKE_KEY)
+    calls = 3 * 4 * 3 + 3 * (4 + 1) * 2
+    with FakeOpenAI(answer_tokens=100) as fake:
+        profile = make_profile(fake.base_url, batch=True, batch_poll_s=0.01, max_tokens=64, max_retries=6,
+                               truncation_max_tokens=retry_max_tokens)
+        if retry_max_tokens is None:
+            with pytest.raises(TruncationStop) as info:
+                corpus_task.fn(profile, str(tmp_path))
+            assert "100% of answers were cut at max_tokens=64" in str(info.value)
+            assert len(fake.batches) == 2 and fake.batch_outcomes == Counter(length=2 * calls)  # not 7 rounds
+            assert sum(c["status"] == "truncated" for c in info.value.teacher_calls) == 2 * calls
+            return
+        result = corpus_task.fn(profile, str(tmp_path))
+        assert len(fake.batches) == 2 and fake.batch_outcomes == Counter(length=calls, ok=calls)
+    statuses = Counter(c["status"] for c in result["teacher_calls"])
+    assert statuses["truncated"] == calls and statuses["accepted"] + statuses["rejected"] == calls
 
 
 def test_a_rejected_key_is_fatal_at_once_and_never_leaks(tmp_path):
@@ -329,3 +451,14 @@ def test_a_retry_after_beyond_the_limit_stops_at_once(tmp_path):
         assert sum(fake.outcomes.values()) == 1
     assert info.value.final and "asks to wait 600s" in str(info.value)
     assert "max_retry_after_s" in str(info.value)
+
+
+def test_profile_refuses_a_truncation_retry_that_is_not_longer():
+    from tinymars.profile import ProfileError
+
+    with pytest.raises(ProfileError, match=r"truncation_max_tokens: 64 is not above max_tokens \(64\)"):
+        make_profile("http://127.0.0.1:1/v1", max_tokens=64, truncation_max_tokens=64)
+    with pytest.raises(ProfileError, match="max_truncation_rate"):
+        make_profile("http://127.0.0.1:1/v1", max_truncation_rate=1.5)
+    teacher = make_profile("http://127.0.0.1:1/v1", max_tokens=64, truncation_max_tokens=65).corpus.teacher
+    assert (teacher.truncation_max_tokens, teacher.max_truncation_rate) == (65, 0.2)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_models import NAMES, PAD, TINY, D, T, V, sign_rows, tiny, write_shard
+from test_models import BOS, NAMES, PAD, TINY, D, T, V, sign_rows, tiny, write_shard
 
 from models.checkpoint import checkpoint_files, latest_checkpoint, load_model, verify_checkpoint, write_checkpoint
 from models.data import batch_rows, load_split, shard_rows
@@ -287,7 +287,7 @@ def fake_pack(home: Path, shards: dict[str, list[str]]) -> dict:
             names[split] = [f"{split}-00000.parquet"]
             shutil.copy(paths[0], out / names[split][0])
         (out / "pack.json").write_text(json.dumps({"vocab_size": V, "seq_len": T, "channel_names": list(NAMES),
-                                                   "channel_dim": D, "pad_id": PAD, "shards": names}))
+                                                   "channel_dim": D, "pad_id": PAD, "bos_id": BOS, "shards": names}))
         return {"rows": 52}
 
     return {"artifact": ArtifactStore(home / "artifacts").build("pack", "k" * 32, builder).to_dict()}

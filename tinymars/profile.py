@@ -71,6 +71,25 @@ class TeacherPrice(Section):
     batch_output: Annotated[float, Field(ge=0)] | None = None
 
 
+class TeacherScenarios(Section):
+    """The scenario phase of an openai teacher (corpus.scenarios): before any target, the teacher writes new
+    scenario entities (memories, threads, personas' crafts, identity questions, register situations), each
+    validated and assigned to train or held out before prompts are planned."""
+
+    per_pool: Annotated[int, Field(ge=6)] | Literal["auto"] = Field(
+        default="auto", description="entities kept per generated pool; auto: enough that no entity serves more "
+                                    "than max_reuse prompts on either side of the split")
+    max_reuse: Annotated[int, Field(ge=1, le=100)] = Field(
+        default=3, description="with per_pool auto: most prompt slots one entity fills")
+    per_call: Annotated[int, Field(ge=1, le=50)] = Field(default=12, description="entities asked for in one call")
+    max_tokens: Annotated[int, Field(ge=64)] = Field(
+        default=2000, description="completion limit of a scenario call (it writes per_call entities)")
+    pools: list[Literal["memories", "threads", "crafts", "identity_questions", "neutral_prompts",
+                        "ethics_prompts"]] | None = Field(
+        default=None, description="the pools to generate (default: every pool the capabilities use); the others "
+                                  "come from corpus/data")
+
+
 class OpenAITeacher(Section):
     """Any OpenAI-compatible endpoint; the key is read from the environment variable *named* here."""
 
@@ -83,6 +102,11 @@ class OpenAITeacher(Section):
     timeout_s: Annotated[float, Field(gt=0)] = 60.0
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
     max_tokens: Annotated[int, Field(ge=1)] = 256
+    truncation_max_tokens: Annotated[int, Field(ge=2)] | None = Field(
+        default=None, description="max_tokens of the one retry of an answer cut at max_tokens (default: the same)")
+    max_truncation_rate: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.2, description="the corpus stage stops once more than this share of answers (20 or more seen) "
+                                 "were cut at max_tokens")
     max_usd: Annotated[float, Field(gt=0)] | None = Field(
         default=None, description="most this corpus's teacher calls may cost (all runs); stops cleanly before it")
     price: TeacherPrice | None = Field(default=None, description="overrides the shipped price table")
@@ -98,6 +122,9 @@ class OpenAITeacher(Section):
     batch: bool = Field(default=False, description="use the Batch API (batch prices, hours not seconds)")
     batch_poll_s: Annotated[float, Field(gt=0)] = 30.0
     prompts_dir: str | None = Field(default=None, description="folder overriding corpus/prompts/*.txt")
+    scenarios: TeacherScenarios | None = Field(
+        default=None, description="generate scenario entities with the teacher first (corpus.scenarios); "
+                                  "null: prompts draw from the shipped pools in corpus/data")
 
     @model_validator(mode="after")
     def _key_and_price(self) -> OpenAITeacher:
@@ -115,16 +142,56 @@ class OpenAITeacher(Section):
                 "output: ...}} (USD per 1M tokens), or set free: true for a local server")
         return self
 
+    @model_validator(mode="after")
+    def _truncation_retry_is_longer(self) -> OpenAITeacher:
+        if self.truncation_max_tokens is not None and self.truncation_max_tokens <= self.max_tokens:
+            raise ValueError(f"truncation_max_tokens: {self.truncation_max_tokens} is not above max_tokens "
+                             f"({self.max_tokens}), so the retry of a cut answer would be cut again; set it above "
+                             "max_tokens, or leave it out to retry at max_tokens")
+        return self
 
-class ReplaySource(Section):
-    """General text mixed into the train split (replay), read through `datasets`."""
 
-    source: str = Field(description="a local .parquet/.jsonl/.json/.txt file or folder, or a hub dataset name")
-    config: str | None = None
+class ReplaySection(Section):
+    """Language-model replay: a general-text token stream mixed into training at a share of the windows.
+
+    Read as a stream through `datasets` (a hub dataset pinned to a revision, or local files), tokenised
+    once by the `replay` stage into token shards, and sampled as whole windows of seq_len tokens by the
+    trainer, so a ~1B-token budget never sits in memory and the channel corpus is not looped over.
+    """
+
+    source: str = Field(description="a hub dataset name (pin `revision`) or a local .parquet/.jsonl/.json/.csv/.txt "
+                                    "file or folder")
+    config: str | None = Field(default=None, description="the hub dataset's configuration (subset), e.g. sample-10BT")
     split: str = "train"
+    revision: str | None = Field(default=None, description="the hub dataset's commit (40 hex digits); required for a "
+                                                           "hub source so a rerun reads the same text")
     text_field: str = "text"
-    ratio: Annotated[float, Field(gt=0, le=10)] = Field(default=0.1, description="replay rows per train row")
-    max_chars: Annotated[int, Field(ge=16)] = 1200
+    tokens: Annotated[int, Field(ge=1000)] = Field(description="replay tokens to take from the stream (the stage "
+                                                               "stops reading there)")
+    share: Annotated[float, Field(gt=0, lt=1)] = Field(description="share of the training windows drawn from replay; "
+                                                                   "the rest are packed channel-corpus windows")
+    tokenizer_chars: Annotated[int, Field(ge=0)] = Field(
+        default=20_000_000, description="replay characters the tokenizer trains on beside the corpus's train text")
+    shard_tokens: Annotated[int, Field(ge=1000)] = Field(default=100_000_000, description="tokens per shard file")
+    workers: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+        default="auto", description="tokenising processes (auto: the CPU cores, at most 32)")
+
+    @model_validator(mode="after")
+    def _pinned(self) -> ReplaySection:
+        if is_local_source(self.source):
+            return self
+        if self.revision is None or not re.fullmatch(r"[0-9a-f]{40}", self.revision):
+            raise ValueError(f"revision: the hub source '{self.source}' needs a pinned revision (its commit: 40 hex "
+                             "digits, from the dataset page's history or huggingface_hub.HfApi().dataset_info(name)"
+                             ".sha), so a rerun reads the same text; or point source at local files")
+        return self
+
+
+def is_local_source(source: str) -> bool:
+    """A path (exists, or is written like one), not a hub dataset name."""
+    path = Path(source).expanduser()
+    return path.exists() or source.startswith(("/", "./", "../", "~")) or path.suffix in (
+        ".parquet", ".jsonl", ".json", ".csv", ".txt")
 
 
 class CorpusSection(Section):
@@ -134,7 +201,17 @@ class CorpusSection(Section):
     conflict_prompts_per_capability: Annotated[int, Field(ge=0)] = 10
     heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
     seed: int = 0
-    replay: ReplaySource | None = None
+    replay: Any = Field(default=None, exclude=True, description="moved: the top-level `replay` section")
+
+    @field_validator("replay")
+    @classmethod
+    def _moved(cls, v: Any) -> None:
+        if v is not None:
+            raise ValueError("corpus.replay moved to a top-level `replay:` section (a streamed token source mixed "
+                             "into training at `share` of the windows; give `tokens` and `share` instead of "
+                             "ratio/max_chars; see the README's replay section)")
+        return None
+
     # Held out means held out (corpus.overlap): the stage measures held-out targets against train targets and
     # fails above these limits, before publishing the corpus.
     max_exact_duplicate_targets: Annotated[int, Field(ge=0)] = Field(
@@ -325,6 +402,8 @@ class TrainRecipe(Section):
     gate_lr_mult: Annotated[float, Field(gt=0)] = 1.0
     log_every: Annotated[int, Field(ge=1)] = 10
     eval_every: Annotated[int, Field(ge=1)] = 100
+    eval_rows: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="held-out rows each training evaluation reads (a seeded sample); none: all")
     seed: int = 0
     channel_control: Literal["real", "permuted"] = Field(
         default="real", description="permuted: the negative control; each train row gets another row's channel "
@@ -346,11 +425,15 @@ class TrainSection(TrainRecipe):
     devices: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         default=1, description="training processes: GPUs (torchrun when > 1), XLA devices, or CPU ranks (gloo)")
     resume: bool = True
+    parallel_models: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default="auto", description="models trained at the same time, one device group each (models.fanout); "
+        "auto: as many as fit when >= 2 GPUs are visible and devices is auto, else one at a time; an int forces "
+        "that many concurrent trainers (on CPU each gets its share of the cores)")
     models: list[ModelSpec]
     # 16: repeated data stops adding value by ~16 epochs (Muennighoff et al. 2023, "Scaling Data-Constrained
     # Language Models"); smoke trains ~4. A check, not a setting: it is in no cache key (shared()).
     max_corpus_epochs: Annotated[float, Field(gt=0)] = Field(
-        default=16, description="most passes training may make over the train split (channel corpus + replay); "
+        default=16, description="most passes training may make over the channel corpus's train split; "
                                 "validation refuses more (corpus.budget)")
 
     @model_validator(mode="after")
@@ -363,6 +446,9 @@ class TrainSection(TrainRecipe):
         per_step = self.grad_accum * (self.devices if isinstance(self.devices, int) else 1)
         if self.batch_size % per_step:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by grad_accum x devices = {per_step}")
+        if self.device == "xla" and self.parallel_models not in ("auto", 1):
+            raise ValueError(f"parallel_models: {self.parallel_models} concurrent trainers on XLA is not supported "
+                             "(one trainer uses every chip); use auto or 1")
         return self
 
     def recipe(self) -> TrainRecipe:
@@ -375,7 +461,7 @@ class TrainSection(TrainRecipe):
         Checkpointing and resume settings are left out: an exact resume changes no result.
         """
         return self.model_dump(mode="json", exclude={"models", "checkpoint_every", "keep_checkpoints", "resume",
-                                                        "max_corpus_epochs"})
+                                                        "max_corpus_epochs", "parallel_models"})
 
 
 # ---------------------------------------------------------------- eval / report
@@ -444,8 +530,13 @@ class EvalSection(Section):
     followup_prompt: str = "Tell me more."
     persistence_segments: Annotated[int, Field(ge=1, le=10)] = 3
     bootstrap_resamples: Annotated[int, Field(ge=100, le=100000)] = 2000
+    max_heldout_rows: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="held-out rows of the relief-valve losses (a seeded sample); none: all")
     bootstrap_seed: int = 0
     hypotheses: list[HypothesisSpec] = []
+    weights: Literal["best", "last"] = Field(
+        default="best", description="which trained weights generation, the relief valve and the steer readout "
+        "use: best (the step with the lowest held-out loss; last when a model has no held-out eval) or last")
 
     @field_validator("arms")
     @classmethod
@@ -550,6 +641,7 @@ class Profile(Section):
     report: ReportSection = ReportSection()
     orchestration: OrchestrationSection = OrchestrationSection()
     steering: SteeringSection = SteeringSection()
+    replay: ReplaySection | None = None
 
     @model_validator(mode="after")
     def _cross_section(self) -> Profile:

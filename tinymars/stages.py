@@ -1,4 +1,5 @@
 """The stage graph: which stage feeds which, so `--refresh X` can force X and everything downstream.
+`replay` runs only when the profile has a replay section.
 
 `generate` (the model's responses: keyed by model, prompts, decoding) and `score` (pure statistics on
 saved generations: alpha, hypotheses, bootstrap) are two stages, so a re-scoring never regenerates.
@@ -13,8 +14,9 @@ PARENTS: dict[str, tuple[str, ...]] = {
     "corpus": (),
     "channels": ("corpus",),
     "tokenizer": ("corpus",),
+    "replay": ("tokenizer",),  # a profile without a replay section skips it
     "pack": ("corpus", "channels", "tokenizer"),
-    "train": ("pack",),
+    "train": ("pack", "replay"),
     "steer": ("corpus", "tokenizer", "train"),
     "generate": ("corpus", "channels", "tokenizer", "pack", "train", "steer"),
     "score": ("generate",),
