@@ -22,6 +22,7 @@ from app.common import (
 )
 from app.power import power_lines
 from tinymars.profile import ProfileError, shipped_profiles
+from tinymars.progress import progress_setting_problem
 from tinymars.stages import ALIAS_NOTE, ALIASES, ORDER
 
 
@@ -80,7 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          Path(args.home).resolve() if args.rehearse else None)
     except ProfileError as exc:
         return fail(str(exc))
-    if reason := runnable_here(prof):
+    if reason := runnable_here(prof) or progress_setting_problem():
         return fail(reason)
     from app import supervisor
 

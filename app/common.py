@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tinymars.profile import Profile, ProfileError, load_profile, shipped_profiles
+from tinymars.profile import Profile, ProfileError, is_local_source, load_profile, shipped_profiles
 from tinymars.stages import downstream
 
 if TYPE_CHECKING:  # duckdb loads only for the commands that read lineage: `tinymars --help` stays quick
@@ -78,6 +78,10 @@ def preflight(profile_arg: str, overrides: list[str], refresh: list[str], rehear
                 f"train.models[{spec.name}].base: '{spec.base}' does not exist; point it at a local Hugging Face "
                 "model folder (config.json) or one of our trained model folders (model.json)"
             )
+    base = prof.tokenizer.base
+    if prof.tokenizer.kind == "hf" and is_local_source(base) and not Path(base).expanduser().is_dir():
+        raise ProfileError(f"tokenizer.base: '{base}' does not exist; point it at the adapter base's local Hugging "
+                           "Face model folder (config.json + tokenizer files)")
     from corpus.teacher_corpus import check_runnable
 
     try:  # the teacher's key is in the environment variable the profile names (never printed), templates load

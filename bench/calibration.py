@@ -309,6 +309,44 @@ def print_power_table(design: Design, plants: dict[tuple[str, str], tuple[float,
         print(line)
 
 
+def organ_calibration(iterations: int, prompts: int, alpha: float, margin: float, seed: int) -> bool:
+    """The organ verdicts (scorers.organ) and the crosstalk family (scorers.crosstalk) on simulated nulls.
+
+    A prompt's paired difference is a tie with probability 0.3, else +1 / -1 with probability s. Under
+    "no difference" (s = 1/2) helps/hurts must be found at most alpha of the time; at the equivalence
+    margin's edge (s = 1/2 + margin) "costs nothing" at most alpha; for the crosstalk matrix, 30
+    off-diagonal null cells Holm-adjusted as one family: any significant cell at most alpha. Returns
+    whether every rate's 95% interval reaches down to alpha or below.
+    """
+    from scorers.organ import integration_verdict
+    from scorers.stats import sign_test_two_sided
+
+    rng = random.Random(seed)
+
+    def draw(share: float) -> tuple[int, int]:
+        decided = sum(rng.random() >= 0.3 for _ in range(prompts))
+        wins = sum(rng.random() < share for _ in range(decided))
+        return wins, decided - wins
+
+    rates = {
+        "organ helps/hurts at s = 1/2": sum(integration_verdict(*draw(0.5), alpha, margin)[0] in ("helps", "hurts")
+                                            for _ in range(iterations)),
+        f"organ costs nothing at s = 1/2 + {margin:g}": sum(
+            integration_verdict(*draw(0.5 + margin), alpha, margin)[0] == "costs nothing" for _ in range(iterations)),
+        "crosstalk off-diagonal family (30 null cells, Holm)": sum(
+            min(holm([sign_test_two_sided(*draw(0.5)) for _ in range(30)])) < alpha for _ in range(iterations)),
+    }
+    ok = True
+    print(f"\norgan and crosstalk verdicts: {iterations} simulated nulls of {prompts} prompts (30% ties), "
+          f"alpha {alpha:g}")
+    for name, hits in rates.items():
+        low, high = clopper_pearson(hits, iterations)
+        passed = low <= alpha
+        ok &= passed
+        print(f"  {name:<52} {hits / iterations:.4f} [{low:.4f}, {high:.4f}]  {'PASS' if passed else 'FAIL'}")
+    return ok
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="smoke", help="profile whose corpus sizes and hypotheses are simulated")
@@ -319,7 +357,14 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=2, help="worker processes")
     ap.add_argument("--resamples", type=int, default=None, help="bootstrap resamples (default: the profile's)")
+    ap.add_argument("--organ", action="store_true", help="only the organ and crosstalk verdicts (scorers.organ, "
+                    "scorers.crosstalk) on simulated paired nulls, --iterations of --prompts prompts (default 60)")
     args = ap.parse_args()
+    if args.organ:
+        from tinymars.domain import MIN_EFFECT_DEFAULT
+
+        return 0 if organ_calibration(args.iterations, args.prompts or 60, 0.01, MIN_EFFECT_DEFAULT["share"],
+                                      args.seed) else 1
     for name in ("iterations", "power_iterations", "jobs"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

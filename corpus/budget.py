@@ -172,7 +172,8 @@ def token_budget(prof: Any, vols: dict[str, TextVolume] | None = None) -> dict[s
     else:
         epochs = train.steps * train.batch_size / max(1, epoch_rows)
         corpus_tokens = round(epochs * epoch_tokens)
-    out = {"vocab_size": tok.vocab_size, "model_type": tok.model_type, "supportable_pieces": supportable,
+    out = {"vocab_size": tok.vocab_size, "model_type": tok.model_type, "tokenizer_kind": tok.kind,
+           "supportable_pieces": supportable,
            "vocab_from": ("template text" if prof.corpus.teacher.kind == "template"
                           else "planned prompts and requested content (the teacher's own words come on top)")
            + (f" + {prose:,} chars of replay prose" if prose else ""),
@@ -190,7 +191,7 @@ def token_budget(prof: Any, vols: dict[str, TextVolume] | None = None) -> dict[s
 def budget_problems(budget: dict[str, Any]) -> list[str]:
     """What a run would meet after spending: each problem names the field and the fix."""
     problems = []
-    if budget["vocab_size"] > budget["supportable_pieces"]:
+    if budget["vocab_size"] > budget["supportable_pieces"] and budget.get("tokenizer_kind") != "hf":  # hf: no training
         problems.append(
             f"tokenizer.vocab_size: {budget['vocab_size']} is more than this corpus's text can support (about "
             f"{budget['supportable_pieces']:,} pieces, estimated from the {budget['vocab_from']}); SentencePiece "

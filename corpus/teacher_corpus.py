@@ -68,6 +68,7 @@ from scorers.register import register_score
 from scorers.selection import item_mentions
 from tinymars.domain import SELECTION_CAPABILITIES
 from tinymars.prices import Price, resolve_price
+from tinymars.progress import ProgressCallback
 
 SEED_STRIDE = 100  # request seed = corpus seed * stride + sample (resamples stay below the stride)
 LOG_EVERY_S = 5.0
@@ -216,6 +217,7 @@ async def generate(
     seed: int,
     resamples: int,
     log: Callable[[str], None] = lambda _: None,
+    on_progress: ProgressCallback | None = None,
 ) -> TeacherCorpus:
     """Ask the backend for every slot (resampling failures), pre-flight, and assemble the corpus."""
     targets: dict[int, tuple[str, str]] = {}  # id(slot) -> (target, the call key that wrote it)
@@ -227,7 +229,8 @@ async def generate(
         if not pending:
             break
         requests = {id(s): request_for(s, sample, seed, backend.model, backend.params, templates) for _, s in pending}
-        progress = _progress_logger(log, sample, lambda: sum(sum(c.values()) for c in rejects.values()))
+        progress = _progress_logger(log, sample, lambda: sum(sum(c.values()) for c in rejects.values()),
+                                    on_progress=on_progress)
         answers = await backend.answer_all(list(requests.values()), progress)
         still = []
         for prompt, slot in pending:
@@ -300,15 +303,18 @@ def target_length_stats(rows: list[dict[str, Any]]) -> dict[str, dict[str, float
     return out
 
 
-def _progress_logger(log: Callable[[str], None], sample: int, rejects: Callable[[], int], what: str = "calls"):
+def _progress_logger(log: Callable[[str], None], sample: int, rejects: Callable[[], int], what: str = "calls",
+                     on_progress: ProgressCallback | None = None):
     last = [0.0]
+    label = what if sample == 0 else f"resample {sample} {what}"
 
     def progress(snap: dict[str, Any]) -> None:
+        if on_progress is not None:  # every answer (a bar draws itself at its own pace); the log line every 5 s
+            on_progress(snap["done"], snap["total"], **({} if label == "calls" else {"phase": label}))
         now = time.monotonic()
         if now - last[0] < LOG_EVERY_S and snap["done"] < snap["total"]:
             return
         last[0] = now
-        label = what if sample == 0 else f"resample {sample} {what}"
         log(f"[corpus] teacher: {snap['done']}/{snap['total']} {label} ({snap['cache_hits']} from cache), "
             f"${snap['spent_usd']:.4f} spent this run, {snap['retries']} retries, {rejects()} rejects so far")
 
@@ -342,13 +348,15 @@ def generate_teacher_corpus(
     section: Any, cache_dir: Path, api_key: str | None, log: Callable[[str], None] = print,
     will_retry: Callable[[TeacherError], bool] = lambda exc: False,
     gate: Callable[[], Any] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> TeacherResult:
     """The corpus for a `corpus` profile section with an openai teacher (sync entry point for the stage).
 
     Raises TeacherError (BudgetExceeded, TeacherUnavailable) with `teacher_calls` set; either way every
     paid call of this run (and of an earlier run that was killed) is handed back for lineage. When the
     caller will retry after this error (`will_retry`), the calls are left for the retry to adopt instead,
-    since only the last attempt's calls reach lineage.
+    since only the last attempt's calls reach lineage. `progress(done, total, spent_usd=, max_usd=)` follows
+    each round of calls with the money the budget counts (earlier runs' spend on this corpus plus this run's).
     """
     teacher = section.teacher
     check_corpus_args(list(section.capabilities), section.prompts_per_capability,
@@ -378,6 +386,10 @@ def generate_teacher_corpus(
             invocation=invocation, log=log, gate=gate)
         clients = [c for c in (scenario_client, client) if c is not None]
 
+        def dollars(done: int, total: int | None = None, **info: Any) -> None:
+            if progress is not None:
+                progress(done, total, spent_usd=budget.spent, max_usd=teacher.max_usd, **info)
+
         async def run() -> tuple[TeacherCorpus, Scenarios | None]:
             nonlocal plan
             try:
@@ -385,14 +397,14 @@ def generate_teacher_corpus(
                 if scenario_client is not None:
                     scenarios = await generate_scenarios(
                         section, _backend(scenario_client, teacher), scenario_client.schemas, templates, log,
-                        lambda round_: _progress_logger(log, round_, lambda: 0, "scenario calls"))
+                        lambda round_: _progress_logger(log, round_, lambda: 0, "scenario calls", dollars))
                     plan = section_plan(section, templates, scenarios)
                     on_targets = cache.spent_on(plan_keys(plan, teacher, section.seed, templates))
                     budget.spent_before += on_targets
                     if teacher.max_usd is not None and on_targets:
                         log(f"[corpus] budget: ${on_targets:.4f} already spent on this corpus's target calls")
                 corpus = await generate(plan, _backend(client, teacher), templates, section.seed, teacher.resamples,
-                                        log)
+                                        log, dollars)
                 return corpus, scenarios
             finally:
                 for c in clients:

@@ -87,11 +87,11 @@ def iteration(
     log.info(f"run {run_id}: profile '{prof.name}', home {home}" + (f", refresh {sorted(forced)}" if forced else ""))
     results: list[dict[str, Any]] = []
 
-    def step(name: str, task: Any, *args: Any) -> dict[str, Any]:
+    def step(name: str, task: Any, *args: Any, **keywords: Any) -> dict[str, Any]:
         stage = name.split(":")[0]
         t0 = time.perf_counter()
         try:
-            result = task(prof, home, *args, force=stage in forced)
+            result = task(prof, home, *args, force=stage in forced, **keywords)
         except BaseException as exc:
             lineage.record_stage(run_id, {
                 "stage": stage, "name": name, "status": "failed", "duration_s": time.perf_counter() - t0,
@@ -161,10 +161,16 @@ def iteration(
         steer = step("steer", steer_task, corpus, tokenizer, trained) if steer_applies(prof) else None
         stop_after("steer")
         generation = step("generate", generate_task, corpus, channels, tokenizer, pack, trained, steer)
+        # eval.models (the organ experiment): every other evaluated native gets its own generate:<name>
+        others = {name: step(f"generate:{name}", generate_task, corpus, channels, tokenizer, pack, trained, steer,
+                             model=name) for name in prof.evaluated_models()[1:]}
         stop_after("generate")
         scored = step("score", score_task, generation)
+        for name, other in others.items():
+            step(f"score:{name}", score_task, other, model=name)
         stop_after("score")
-        report = step("report", report_task, corpus, pack, trained, scored, steer)
+        report = step("report", report_task, corpus, pack, trained, scored, steer,
+                      *([generation, others] if others else []))
     except StopAfter:
         report = None
     except BaseException as exc:

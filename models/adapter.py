@@ -281,7 +281,8 @@ def build_adapter(spec: dict[str, Any], *, vocab_size: int, seq_len: int, channe
     base, info = load_base(spec["base"], spec.get("drop", UNUSED_TOWERS), weights=weights)
     if info["vocab_size"] != vocab_size:
         raise ValueError(f"adapter base {spec['base']}: has a {info['vocab_size']}-token vocabulary but the data "
-                         f"was tokenized with {vocab_size} tokens; a base needs data made with its own tokenizer")
+                         f"was tokenized with {vocab_size} tokens; a base needs data made with its own tokenizer"
+                         + (" (tokenizer: {kind: hf, base: <the base's folder>})" if info["kind"] == "hf" else ""))
     if info["max_seq_len"] is not None and info["max_seq_len"] < seq_len:
         raise ValueError(f"adapter base {spec['base']}: handles {info['max_seq_len']} positions, the data has "
                          f"seq_len {seq_len}; lower pack.seq_len")

@@ -25,7 +25,7 @@ Builder = Callable[..., nn.Module]
 ARCHITECTURES: dict[str, Builder] = {}
 
 DECODER_KEYS = frozenset({"n_layer", "n_head", "d_model", "mlp_ratio", "dropout"})
-NATIVE_KEYS = frozenset({"channel_tokens", "channel_dims"})
+NATIVE_KEYS = frozenset({"channel_tokens", "channel_dims", "channels"})
 
 
 def architecture(name: str) -> Callable[[Builder], Builder]:
@@ -44,16 +44,28 @@ def architecture(name: str) -> Callable[[Builder], Builder]:
 def build_native(spec: dict[str, Any], *, vocab_size: int, seq_len: int, channel_names: Sequence[str],
                  channel_dim: int) -> ChannelDecoder:
     """The channel decoder. `channel_dims` (one width per channel, models.sizing fills it in from the profile)
-    sizes each channel's encoder to its own width; left out, every channel is `channel_dim` wide."""
+    sizes each channel's encoder to its own width; left out, every channel is `channel_dim` wide. `channels`
+    (a subset of channel_names, the data's) makes a model that reads only those: it is still given every
+    channel and keeps its own, and its encoder and gates exist for its channels alone."""
     check_keys(spec, DECODER_KEYS | NATIVE_KEYS, DECODER_REQUIRED)
     if not channel_names:
         raise ValueError("arch 'native' needs at least one channel (channel_names is empty)")
-    kw = {k: spec[k] for k in DECODER_KEYS | NATIVE_KEYS if k in spec}
+    kw = {k: spec[k] for k in DECODER_KEYS | NATIVE_KEYS if k in spec and k != "channels"}
     if "channel_dims" in kw and len(kw["channel_dims"]) != len(channel_names):
         raise ValueError(f"spec channel_dims {list(kw['channel_dims'])}: needs one width per channel "
                          f"{list(channel_names)}; leave it out to size every channel channel_dim ({channel_dim})")
+    names = tuple(channel_names)
+    if spec.get("channels") is not None:
+        wanted = list(spec["channels"])
+        unknown = [c for c in wanted if c not in names]
+        if unknown or not wanted or len(set(wanted)) != len(wanted):
+            raise ValueError(f"spec channels {wanted}: give distinct names among the data's channels {list(names)}")
+        read = tuple(c for c in names if c in wanted)  # the data's order: one subset, one layout
+        if "channel_dims" in kw:
+            kw["channel_dims"] = [kw["channel_dims"][names.index(c)] for c in read]
+        kw["input_channels"], names = names, read
     return ChannelDecoder(ModelConfig(vocab_size=vocab_size, seq_len=seq_len,
-                                      channel_names=tuple(channel_names), channel_dim=channel_dim, **kw))
+                                      channel_names=names, channel_dim=channel_dim, **kw))
 
 
 @architecture("baseline")
@@ -101,10 +113,14 @@ def build_info(model: nn.Module) -> dict[str, Any]:
             "n_head": cfg.n_head, "d_model": cfg.d_model, "mlp_ratio": cfg.mlp_ratio, "dropout": cfg.dropout}
     if cfg.has_channels:
         spec["channel_tokens"] = cfg.channel_tokens
-    if cfg.channel_dims:
-        spec["channel_dims"] = list(cfg.channel_dims)
+    names = list(cfg.input_channels or cfg.channel_names)
+    if cfg.channel_dims:  # one width per channel of the data: a subset's unread channels never reach the encoder
+        dims = dict(zip(cfg.channel_names, cfg.channel_dims, strict=True))
+        spec["channel_dims"] = [dims.get(c, cfg.channel_dim) for c in names]
+    if cfg.input_channels:
+        spec["channels"] = list(cfg.channel_names)
     return {"arch": spec["arch"], "spec": spec, "vocab_size": cfg.vocab_size, "seq_len": cfg.seq_len,
-            "channel_names": list(cfg.channel_names), "channel_dim": cfg.channel_dim, "seed": None}
+            "channel_names": names, "channel_dim": cfg.channel_dim, "seed": None}
 
 
 def count_params(model: nn.Module) -> int:

@@ -119,9 +119,10 @@ class Checkpoint:
         return (self.path / METRICS).read_text()
 
 
-def _torch_bytes(obj: Any) -> bytes:
+def torch_bytes(obj: Any) -> bytes:
+    """torch.save of `obj` with every tensor copied to the CPU (optimizer state, checkpoint state)."""
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    torch.save(_to_cpu(obj), buf)
     return buf.getvalue()
 
 
@@ -139,8 +140,8 @@ def checkpoint_files(model: nn.Module, optimizer: torch.optim.Optimizer, state: 
                      metrics: str, best: dict[str, torch.Tensor] | None = None) -> dict[str, bytes]:
     """The bytes of one checkpoint (device tensors are copied to the CPU); only the main rank needs them.
     `best`: the best-so-far weights (CPU), when an eval has set them."""
-    files = {WEIGHTS: save(cpu_state(model)), OPTIMIZER: _torch_bytes(_to_cpu(optimizer.state_dict())),
-             STATE: _torch_bytes(_to_cpu(state)), METRICS: metrics.encode()}
+    files = {WEIGHTS: save(cpu_state(model)), OPTIMIZER: torch_bytes(optimizer.state_dict()),
+             STATE: torch_bytes(state), METRICS: metrics.encode()}
     return files if best is None else {**files, BEST_WEIGHTS: save(best)}
 
 

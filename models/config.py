@@ -37,11 +37,18 @@ class ModelConfig:
     channel_tokens: int = 2
     dropout: float = 0.0
     channel_dims: tuple[int, ...] = ()  # each channel's own width (<= channel_dim); empty: all channel_dim
+    # the channels the data carries, when the model reads a subset of them (channel_names, in this order's
+    # order): the model takes the full [.., len(input_channels), D] tensor and keeps its own. Empty: all.
+    input_channels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # JSON round trips turn tuples into lists; keep the dataclass hashable and comparable.
         self.channel_names = tuple(self.channel_names)
         self.channel_dims = tuple(int(d) for d in self.channel_dims)
+        self.input_channels = tuple(self.input_channels)
+        missing = [c for c in self.channel_names if self.input_channels and c not in self.input_channels]
+        if missing:
+            raise ValueError(f"channel_names {missing} are not among the data's channels {list(self.input_channels)}")
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         if (self.d_model // self.n_head) % 2:
@@ -58,6 +65,18 @@ class ModelConfig:
         return len(self.channel_names)
 
     @property
+    def n_inputs(self) -> int:
+        """Channels in the tensor the model is given (the data's), of which it reads n_channels."""
+        return len(self.input_channels) or self.n_channels
+
+    @property
+    def channel_index(self) -> tuple[int, ...] | None:
+        """Where each read channel sits in the data's channel axis; None when the model reads them all as given."""
+        if not self.input_channels or self.input_channels == self.channel_names:
+            return None
+        return tuple(self.input_channels.index(c) for c in self.channel_names)
+
+    @property
     def has_channels(self) -> bool:
         return self.n_channels > 0
 
@@ -65,6 +84,7 @@ class ModelConfig:
         d = asdict(self)
         d["channel_names"] = list(self.channel_names)
         d["channel_dims"] = list(self.channel_dims)
+        d["input_channels"] = list(self.input_channels)
         return d
 
     @classmethod

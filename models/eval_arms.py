@@ -34,6 +34,7 @@ from models.distributed import Runtime
 from models.generate import GREEDY, Sampling, generate
 from models.steer_hook import SteerArm
 from tinymars.domain import CUT_ARM
+from tinymars.progress import ProgressCallback
 
 ARMS = ("mars", "ablated", "text", "steer")
 FOLLOWUP_ARMS = ("mars", "ablated")
@@ -99,11 +100,13 @@ def generate_arms(
     followup: str = "",
     steer: SteerArm | None = None,
     runtime: Runtime | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> list[dict[str, Any]]:
     """One record per (row, arm, turn): the response and everything a scorer needs to re-score it offline.
 
     The `steer` arm needs `steer` (models.steer_hook.load_steer_arm) and answers only the rows it covers.
     `runtime` (models.generate.eval_runtime): the device's autocast; the model must already be on that device.
+    `on_progress(done, total, turn=..., arm=...)` follows the responses generated, batch by batch.
     """
     if "steer" in arms and steer is None:
         raise ValueError("arm 'steer' needs the steering readout (steer=load_steer_arm(...))")
@@ -112,6 +115,9 @@ def generate_arms(
     answered = {arm: [j for j, i in enumerate(index) if arm != "steer" or steer.covers(rows[i])] for arm in arms}
     texts = {arm: [arm_prompt(rows[i], arm) for i in index] for arm in arms}
     records = []
+    # every turn's responses: turn 0 answers each arm, later turns the follow-up arms and the cut arm (= mars)
+    later = [len(answered[a]) for a in arms if a in FOLLOWUP_ARMS] + ([len(answered["mars"])] if "mars" in arms else [])
+    total, done = sum(len(answered[a]) for a in arms) + followup_turns * sum(later), 0
     for turn in range(followup_turns + 1):
         turn_arms = arms if turn == 0 else [a for a in arms if a in FOLLOWUP_ARMS]
         if turn == 1 and "mars" in arms:  # the cut arm branches off MARS's turn-0 conversation
@@ -126,9 +132,16 @@ def generate_arms(
             chans = (real if arm == "mars" else torch.zeros_like(real))[sel]
             plan = steer.steering([rows[index[j]]["channel_state"] for j in sel]) if arm == "steer" else None
             progress(f"turn {turn}: generating {len(sel)} responses for arm {arm}")
+
+            def batch_done(n: int, turn: int = turn, arm: str = arm) -> None:
+                nonlocal done
+                done += n
+                if on_progress is not None:
+                    on_progress(done, total, turn=turn, arm=arm)
+
             outs = generate(model, [ids[arm][j] for j in sel], chans, max_new_tokens, tok.eos_id, tok.pad_id,
                             batch_size=batch_size, sampling=sampling, fixed_shape=fixed_shape, prompt_len=prompt_len,
-                            steer=plan, runtime=runtime)
+                            steer=plan, runtime=runtime, on_batch=batch_done)
             for j, new in zip(sel, outs, strict=True):
                 i = index[j]
                 response = tok.decode(new)

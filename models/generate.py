@@ -26,6 +26,7 @@ picked in fp32.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -101,7 +102,8 @@ def eval_runtime(kind: Kind, precision: str = "auto") -> Runtime:
 def generate(model: nn.Module, prompts: list[list[int]], channels: Tensor | None, max_new_tokens: int,
              eos_id: int, pad_id: int, batch_size: int = 32, *, sampling: Sampling = GREEDY,
              fixed_shape: bool = False, use_cache: bool = True, prompt_len: int | None = None,
-             steer: Steering | None = None, runtime: Runtime | None = None) -> list[list[int]]:
+             steer: Steering | None = None, runtime: Runtime | None = None,
+             on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
     """Continuations (new tokens only, eos excluded), in the order of `prompts`.
 
     `channels` is [N, C, D] aligned with prompts, or None (zeros: the ablated state).
@@ -109,6 +111,7 @@ def generate(model: nn.Module, prompts: list[list[int]], channels: Tensor | None
     `prompt_len` (fixed shape only) pads every prompt to this length; default: the longest prompt.
     `steer` adds its vector i to the residual stream of prompt i at every position (STEER arm).
     `runtime` (eval_runtime) supplies the autocast; the model must already be on its device.
+    `on_batch(n)` is called after each batch with the number of prompts it answered (progress).
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. bos)")
@@ -138,6 +141,8 @@ def generate(model: nn.Module, prompts: list[list[int]], channels: Tensor | None
             new = _generate_batch(model, batch, max_new_tokens, eos_id, device, sampling, fixed_shape, use_cache)
         for i, tokens in zip(rows, new, strict=True):
             out[i] = tokens
+        if on_batch is not None:
+            on_batch(len(rows))
     model.train(was_training)
     return out
 

@@ -330,6 +330,9 @@ class ChannelDecoder(nn.Module):
                                        cfg.channel_dims or None) if cfg.has_channels else None)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        index = cfg.channel_index  # a channel subset: the read channels' places in the data's channel axis
+        self.register_buffer("channel_index", None if index is None else torch.tensor(index, dtype=torch.long),
+                             persistent=False)
         inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # derived, never saved
         self.reset_parameters()
@@ -360,11 +363,13 @@ class ChannelDecoder(nn.Module):
     # ---- channels -------------------------------------------------------------------------
     def encode_channels(self, channels: Tensor | None, batch: int) -> Tensor | None:
         """Channel tokens [B,C,K,M], or [B,R,C,K,M] for per-row channels [B,R,C,D]; None channels are
-        zeros (the ablated state)."""
+        zeros (the ablated state). A subset model is given the data's channels and keeps its own."""
         if self.encoder is None:
             return None
         if channels is None:
             channels = self.wte.weight.new_zeros(batch, self.cfg.n_channels, self.cfg.channel_dim)
+        elif self.channel_index is not None:
+            channels = channels.index_select(channels.dim() - 2, self.channel_index.to(channels.device))
         channels = channels.to(self.wte.weight.dtype)
         if channels.dim() == 4:  # one slot per row of a packed window
             return self.encoder(channels.flatten(0, 1)).unflatten(0, channels.shape[:2])
@@ -393,7 +398,7 @@ class ChannelDecoder(nn.Module):
             cos, sin = self._rope(window.positions)
             mask = same_row_causal_mask(window.row_ids)
             if channels is None:
-                channels = self.wte.weight.new_zeros(B, 1, self.cfg.n_channels, self.cfg.channel_dim)
+                channels = self.wte.weight.new_zeros(B, 1, self.cfg.n_inputs, self.cfg.channel_dim)
         tokens = self.encode_channels(channels, B)
         x = self.wte(idx)
         for block in self.blocks:

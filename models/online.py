@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import copy
-import io
 import json
 import queue
 import threading
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
+from models.checkpoint import torch_bytes
 from models.engine import Engine, continuation_batch, per_row_loss
 from models.weights import WEIGHTS, cpu_state
 from tinymars.artifacts import Artifact, ArtifactStore, canonical_json, hash_bytes, hash_json
@@ -207,7 +207,7 @@ class OnlineTrainer:
         started = time.monotonic()
         with self._lock:
             weights = save(cpu_state(self.model))
-            optimizer = _torch_bytes(self.optimizer.state_dict())
+            optimizer = torch_bytes(self.optimizer.state_dict())
             learned = list(self.learned)
             history = list(self._history)
             model = copy.deepcopy(self.model).cpu()
@@ -240,22 +240,6 @@ class OnlineTrainer:
             del self._history[: len(history)]
         return {"artifact": art.content_hash, "path": art.path, "key": art.key, "parent": parent,
                 "examples": len(learned), "steps": len(history)}
-
-
-def _torch_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(_to_cpu(obj), buf)
-    return buf.getvalue()
-
-
-def _to_cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
 
 
 def _record(lineage: Lineage, run_id: str | None, art: Artifact, inputs: dict[str, str], name: str,

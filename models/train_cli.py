@@ -36,7 +36,7 @@ def make_job(recipe: TrainRecipe, kind: str, nproc: int, spec: dict[str, Any], p
             "build": {k: pack_meta[k] for k in ("vocab_size", "seq_len", "channel_names", "channel_dim")}
             | {"seed": recipe.seed},
             "data": {"train": shards("train"), "heldout": shards("heldout"), "channel_dim": pack_meta["channel_dim"],
-                     "pad_id": pack_meta["pad_id"], "bos_id": pack_meta["bos_id"]},
+                     "pad_id": pack_meta["pad_id"], "bos_id": pack_meta.get("bos_id")},
             "recipe": recipe.model_copy(update={"device": kind}).model_dump(mode="json"), "nproc": nproc,
             "out_dir": str(out_dir), "ckpt_dir": str(work / "ckpt"), "resume": resume,
             "result": str(work / "result.json")}

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+CROSSTALK = "crosstalk.jsonl"  # the crosstalk generations beside generations.jsonl (models.crosstalk, eval.crosstalk)
 REQUIRED = ("row_id", "prompt_id", "capability", "kind", "arm", "response")
 REQUIRED_BY_KIND = {"selection": ("items", "salient_item"), "register": ("pole",), "conflict": ("pole",)}
 

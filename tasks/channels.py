@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from corpus.rows import read_rows
 from models.distributed import resolve_device
-from tasks.common import artifact_of, logger, run_stage
+from tasks.common import artifact_of, logger, run_stage, stage_progress
 from tinymars.domain import TEXT_CHANNELS
 from tinymars.profile import Profile
 
@@ -37,7 +37,8 @@ def channels_task(profile: Profile, home: str, corpus: dict[str, Any], force: bo
             device = resolve_device(section.embedder.device)
             log.info(f"[channels] loading embedder {section.embedder.model} on {device}")
             model = load_embedder(section.embedder.model, device)
-            return embed_texts(model, texts, section.embedder.batch_size)
+            with stage_progress("[channels] embedding", len(texts), "texts") as progress:
+                return embed_texts(model, texts, section.embedder.batch_size, progress)
 
         needs_text = any(n in TEXT_CHANNELS for n in dims)
         mats, counts = channel_matrices(

@@ -10,6 +10,7 @@ may have changed underneath it, so tasks run with NO_CACHE and decide here.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from functools import cache
@@ -21,6 +22,7 @@ from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 
 from tinymars.artifacts import Artifact, ArtifactStore, code_version, hash_json, sha256_file, stage_key, write_atomic
+from tinymars.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,9 +66,9 @@ EMBEDDER_WEIGHTS = "embedder-weights"
 STAGE_LIBRARIES: dict[str, tuple[str, ...]] = {
     "corpus": ("vaderSentiment",),  # pre-flight scoring decides which targets are kept
     "channels": ("sentence-transformers", "transformers", "torch", EMBEDDER_WEIGHTS),
-    "tokenizer": ("sentencepiece",),
+    "tokenizer": ("sentencepiece", "transformers", "tokenizers"),  # kind: hf copies a base's tokenizer
     "replay": ("sentencepiece", "numpy", "datasets"),
-    "pack": ("sentencepiece", "pyarrow", "numpy"),
+    "pack": ("sentencepiece", "transformers", "tokenizers", "pyarrow", "numpy"),
     "train": ("torch",),
     "steer": ("torch", "numpy", "sentencepiece"),
     "generate": ("torch", "sentencepiece"),
@@ -177,6 +179,40 @@ def logger():
         import logging
 
         return logging.getLogger("tinymars")
+
+
+def stage_progress(label: str, total: int | None, unit: str = "it") -> Progress:
+    """The `progress(done, total, **info)` callback a stage hands its domain code: a terminal bar
+    (tinymars.progress: only on a terminal outside CI) and, inside a Prefect flow or task run, a progress
+    artifact (key `progress-<label>`) updated at most about once a second. Use it as a context manager."""
+    return Progress(label, total, unit, sink=_progress_artifact(label))
+
+
+def _progress_artifact(label: str) -> Callable[[float, str], None] | None:
+    """A writer of one Prefect progress artifact, or None outside a run. A failing API never fails the stage:
+    the first error is logged and the artifact is left where it was."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if TaskRunContext.get() is None and FlowRunContext.get() is None:
+        return None
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    key = "progress-" + re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+    state: dict[str, Any] = {"id": None, "broken": False}
+
+    def write(percent: float, description: str) -> None:
+        if state["broken"]:
+            return
+        try:
+            if state["id"] is None:
+                state["id"] = create_progress_artifact(percent, key=key, description=description, _sync=True)
+            else:
+                update_progress_artifact(state["id"], percent, description=description, _sync=True)
+        except Exception as exc:  # the UI's view of progress is not worth a stage
+            state["broken"] = True
+            logger().warning(f"[{label}] progress artifact not updated: {type(exc).__name__}: {exc}")
+
+    return write
 
 
 def run_stage(

@@ -24,7 +24,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import ROOT, logger, run_stage
+from tasks.common import ROOT, logger, run_stage, stage_progress
 from tinymars.artifacts import code_version
 from tinymars.domain import TEACHER_LIMIT
 from tinymars.profile import Profile
@@ -148,8 +148,9 @@ def _teacher_rows(profile: Profile, home: str) -> tuple[list[dict], dict, list[d
     log.info(f"[corpus] teacher {teacher.model} at {teacher.base_url.split('?')[0]}"
              + (" (Batch API)" if teacher.batch else f", concurrency {teacher.max_concurrency}")
              + (f", budget ${teacher.max_usd:g}" if teacher.max_usd is not None else ""))
-    result = generate_teacher_corpus(section, Path(home) / "teacher-cache", api_key_from_env(teacher), log.info,
-                                     will_retry=_prefect_will_retry, gate=teacher_gate)
+    with stage_progress("[corpus] teacher", None, "call") as progress:
+        result = generate_teacher_corpus(section, Path(home) / "teacher-cache", api_key_from_env(teacher), log.info,
+                                         will_retry=_prefect_will_retry, gate=teacher_gate, progress=progress)
     paid = [c for c in result.teacher_calls if not c["cache_hit"]]
     spent = sum(c["price_usd"] or 0.0 for c in paid)
     rejected_usd = sum(c["price_usd"] or 0.0 for c in paid if c["status"] == "rejected")

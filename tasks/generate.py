@@ -25,22 +25,37 @@ from prefect.cache_policies import NO_CACHE
 
 from corpus.channels import load_channels
 from corpus.rows import read_rows
-from tasks.common import artifact_of, logger, run_stage
+from tasks.common import artifact_of, logger, run_stage, stage_progress
 from tinymars.profile import Profile
 
 GENERATIONS = "generations.jsonl"
 MEASUREMENTS = "measurements.json"
 
 
-def generate_key_section(profile: Profile) -> dict[str, Any]:
-    """The part of the profile the responses depend on (and nothing the scorers read)."""
+
+
+def generate_key_section(profile: Profile, model: str | None = None) -> dict[str, Any]:
+    """The part of the profile the responses depend on (and nothing the scorers read). `model`: one of the
+    evaluated models (default: eval.model's); eval.models and an unused crosstalk switch leave the key as it was."""
     from models.generate import eval_kind
 
-    section = {**profile.eval.generation(), "model": profile.eval_model(),
+    target = model or profile.eval_model()
+    section = {**profile.eval.generation(), "model": target,
                "device": eval_kind(profile.eval.device, profile.train.device)}
+    section.pop("models", None)
+    if not runs_crosstalk(profile, target):
+        section.pop("crosstalk", None)
+    reads = profile.model_channels(target)
+    if reads != profile.channels.names:  # a channel subset answers its own capabilities' prompts only
+        section["capabilities"] = list(reads)
     if "steer" in profile.eval.arms:
         section["steer_arm"] = {"arm_layer": profile.steering.arm_layer, "multiplier": profile.steering.multiplier}
     return section
+
+
+def runs_crosstalk(profile: Profile, model: str) -> bool:
+    """Crosstalk is generated for eval.model's (the integrated) model when eval.crosstalk is on."""
+    return profile.eval.crosstalk and model == profile.eval_model()
 
 
 @task(name="generate", cache_policy=NO_CACHE)
@@ -54,9 +69,11 @@ def generate_task(
     trained: dict[str, dict[str, Any]],
     steer: dict[str, Any] | None = None,
     force: bool = False,
+    model: str | None = None,
 ) -> dict[str, Any]:
     section = profile.eval
-    target = profile.eval_model()
+    target = model or profile.eval_model()
+    reads = profile.model_channels(target)
     steering = "steer" in section.arms
     if steering and steer is None:
         raise ValueError("eval.arms lists 'steer' but no steer artifact was built; set steering.enabled: true "
@@ -71,14 +88,14 @@ def generate_task(
     def build(out: Path) -> dict[str, Any]:
         import torch
 
-        from corpus.tokenizer import Tokenizer
+        from corpus.tokenizer import load_tokenizer
         from models.checkpoint import load_model, weights_folder
         from models.data import load_split, sample_rows
         from models.eval_arms import generate_arms, select_eval_rows
         from models.generate import Sampling, eval_kind, eval_runtime
         from models.measure import gate_summary, relief_losses
         from models.steer_hook import load_steer_arm
-        from scorers.io import write_json, write_jsonl
+        from scorers.io import CROSSTALK, write_json, write_jsonl
 
         log = logger()
         rt = eval_runtime(eval_kind(section.device, profile.train.device))
@@ -86,28 +103,38 @@ def generate_task(
         torch.manual_seed(0)
         rows = read_rows(inputs["corpus"].file("corpus.jsonl"))
         mats = load_channels(Path(inputs["channels"].path))
-        tok = Tokenizer(inputs["tokenizer"].file("tokenizer.model"))
+        tok = load_tokenizer(inputs["tokenizer"].path)  # ours, or an adapter base's own (tokenizer.kind hf)
         meta = json.loads(inputs["pack"].file("pack.json").read_text())
         folders = {name: weights_folder(inputs[f"model:{name}"].path, section.weights) for name in trained}
         for name, (_, which) in sorted(folders.items()):
             log.info(f"[generate] {name}: {which} weights (eval.weights: {section.weights})")
         models = {name: load_model(folder) for name, (folder, _) in folders.items()}
 
-        index = select_eval_rows(rows, section.max_prompts_per_capability)
+        index = [i for i in select_eval_rows(rows, section.max_prompts_per_capability)
+                 if rows[i]["capability"] in reads]
         s = section.sampling
         arm = load_steer_arm(Path(inputs["steer"].path), profile.steering.arm_layer,
                              profile.steering.multiplier) if steering else None
         if arm is not None:
             log.info(f"[generate] steer arm: layer {arm.layer} ({arm.layer_rule}), multiplier {arm.multiplier}, "
                      f"method {arm.method}, layer norm {arm.layer_norm:.2f}")
-        records = generate_arms(
-            models[target].to(rt.device), tok, rows, mats, meta["channel_names"], meta["channel_dim"], index,
-            list(section.arms), section.max_new_tokens, section.batch_size,
-            progress=lambda m: log.info(f"[generate] {m}"),
-            sampling=Sampling(temperature=s.temperature, top_k=s.top_k, seed=s.seed),
-            fixed_shape=section.fixed_shape, followup_turns=section.followup_turns,
-            followup=section.followup_prompt, steer=arm, runtime=rt,
-        )
+        with stage_progress("[generate] responses", None, "resp") as responses:
+            records = generate_arms(
+                models[target].to(rt.device), tok, rows, mats, meta["channel_names"], meta["channel_dim"], index,
+                list(section.arms), section.max_new_tokens, section.batch_size,
+                progress=lambda m: log.info(f"[generate] {m}"),
+                sampling=Sampling(temperature=s.temperature, top_k=s.top_k, seed=s.seed),
+                fixed_shape=section.fixed_shape, followup_turns=section.followup_turns,
+                followup=section.followup_prompt, steer=arm, runtime=rt, on_progress=responses,
+            )
+        if runs_crosstalk(profile, target):
+            from models.crosstalk import generate_crosstalk
+
+            log.info("[generate] crosstalk: each channel at two states on the other capabilities' prompts")
+            write_jsonl(out / CROSSTALK, generate_crosstalk(
+                models[target], tok, rows, mats, meta["channel_names"], meta["channel_dim"], index, list(reads),
+                section.max_new_tokens, section.batch_size, fixed_shape=section.fixed_shape, runtime=rt,
+                sampling=Sampling(temperature=s.temperature, top_k=s.top_k, seed=s.seed)))
         models[target].cpu()  # the relief pass below places one model at a time
         write_jsonl(out / GENERATIONS, records)
 
@@ -115,9 +142,11 @@ def generate_task(
         heldout = load_split([Path(inputs["pack"].path) / n for n in meta["shards"]["heldout"]])
         heldout = sample_rows(heldout, section.max_heldout_rows, section.sampling.seed)
         relief = relief_losses(models, heldout, section.batch_size, meta["seq_len"], meta["pad_id"], runtime=rt)
-        gates = gate_summary(models[target], meta["channel_names"])
+        gates = gate_summary(models[target], getattr(getattr(models[target], "cfg", None), "channel_names",
+                                                          meta["channel_names"]))
         write_json(out / MEASUREMENTS, {"model": target, "relief": relief, "gates": gates,
                                         **({"steer": arm.describe()} if arm is not None else {})})
         return {"rows": len(records), "meta": {"metrics": {"generations": len(records)}}}
 
-    return run_stage("generate", home, generate_key_section(profile), inputs, build, force)
+    return run_stage("generate", home, generate_key_section(profile, target), inputs, build, force,
+                     name=None if model is None else f"generate:{target}")

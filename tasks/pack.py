@@ -10,7 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from corpus.channels import load_channels
 from corpus.rows import read_rows
-from tasks.common import artifact_of, logger, run_stage
+from tasks.common import artifact_of, logger, run_stage, stage_progress
 from tinymars.profile import Profile
 
 
@@ -28,12 +28,13 @@ def pack_task(
 
     def build(out: Path) -> dict[str, Any]:
         from corpus.pack import pack_rows
-        from corpus.tokenizer import Tokenizer
+        from corpus.tokenizer import load_tokenizer
 
         rows = read_rows(inputs["corpus"].file("corpus.jsonl"))
         mats = load_channels(Path(inputs["channels"].path))
-        tok = Tokenizer(inputs["tokenizer"].file("tokenizer.model"))
-        meta = pack_rows(rows, mats, tok, section.seq_len, section.rows_per_shard, out)
+        tok = load_tokenizer(inputs["tokenizer"].path)  # ours (SentencePiece) or a frozen base's (kind hf)
+        with stage_progress("[pack] tokenising", len(rows), "rows") as progress:
+            meta = pack_rows(rows, mats, tok, section.seq_len, section.rows_per_shard, out, progress)
         logger().info(
             f"[pack] {meta['rows']['train']} train / {meta['rows']['heldout']} held-out rows, "
             f"{meta['tokens']['train']:,} train tokens, {meta['truncated_rows']} truncated"

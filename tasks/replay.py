@@ -13,7 +13,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.common import artifact_of, logger, run_stage
+from tasks.common import artifact_of, logger, run_stage, stage_progress
 from tasks.tokenizer import replay_identity
 from tinymars.profile import Profile
 
@@ -36,6 +36,7 @@ def replay_task(profile: Profile, home: str, tokenizer: dict[str, Any], force: b
         t0, last = time.perf_counter(), [0.0]
 
         def progress(done: int, wanted: int) -> None:
+            bar(done, wanted)
             now = time.perf_counter() - t0
             if now - last[0] >= 10 or done >= wanted:
                 last[0] = now
@@ -46,8 +47,10 @@ def replay_task(profile: Profile, home: str, tokenizer: dict[str, Any], force: b
 
         log.info(f"[replay] tokenising '{r.source}'" + (f"@{r.revision[:12]}" if r.revision else "")
                  + f" with {workers} worker(s) up to {r.tokens:,} tokens")
-        manifest = write_shards(stream_texts(r, Path(home) / "cache" / "datasets"), tok_art.file("tokenizer.model"),
-                                vocab, r.tokens, r.shard_tokens, out, workers, progress)
+        with stage_progress("[replay] tokenising", r.tokens, "tok") as bar:
+            manifest = write_shards(stream_texts(r, Path(home) / "cache" / "datasets"),
+                                    tok_art.file("tokenizer.model"), vocab, r.tokens, r.shard_tokens, out, workers,
+                                    progress)
         if manifest["exhausted"]:
             log.warning(f"[replay] the source ran out at {manifest['tokens']:,} of {r.tokens:,} tokens: training "
                         "repeats it (the report and validate count replay epochs); lower replay.tokens or use a "

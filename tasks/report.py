@@ -53,9 +53,11 @@ def model_figures(model_dir: Path) -> dict[str, Any]:
 
 
 def render_report(profile: Profile, corpus: dict, pack_meta: dict, models: dict[str, dict], scores: dict,
-                  quality: dict | None = None) -> str:
+                  quality: dict | None = None, organ: list[dict] | None = None) -> str:
     """report.md; `corpus` / `models` as corpus_figures / model_figures return them, `quality` the steer
-    artifact's quality.json (when the steer stage ran)."""
+    artifact's quality.json (when the steer stage ran), `organ` the single-vs-integrated rows (scorers.organ)."""
+    from scorers.crosstalk import crosstalk_markdown
+    from scorers.organ import organ_markdown
     from scorers.report_md import format_evaluation
 
     t = profile.report.title
@@ -85,6 +87,8 @@ def render_report(profile: Profile, corpus: dict, pack_meta: dict, models: dict[
         f"{name}: {evaluated_weights(info['metrics'], profile.eval.weights, profile.train.steps)}"
         for name, info in sorted(models.items())) + ".", ""]
     parts += [format_evaluation(scores)]
+    parts += organ_markdown(organ or [], scores["model"])
+    parts += crosstalk_markdown(scores.get("crosstalk"))
     parts += concept_quality_section(quality)
     parts += ["## Settings", "", f"Profile `{profile.name}`, hash `{profile.hash()[:16]}`.", "",
               "<details><summary>the whole profile</summary>", "", "```json",
@@ -116,6 +120,14 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return f"{v:,.{digits}f}" if isinstance(v, float) else str(v)
 
 
+def model_channels(model_dir: Path, default: list[str]) -> list[str]:
+    """The channels a trained model reads (its model.json config; a subset model reads fewer)."""
+    path = model_dir / "model.json"
+    if not path.is_file():
+        return default
+    return (json.loads(path.read_text()).get("config") or {}).get("channel_names", default)
+
+
 def read_curves(model_dir: Path) -> list[dict[str, Any]]:
     """The logged training points of one model (metrics.jsonl), or [] when it has none."""
     path = model_dir / "metrics.jsonl"
@@ -125,7 +137,7 @@ def read_curves(model_dir: Path) -> list[dict[str, Any]]:
 
 
 def report_figures(curves: dict[str, list[dict[str, Any]]], scores: dict[str, Any],
-                   channel_names: list[str]) -> dict[str, list[tuple[str, bytes]]]:
+                   channel_names: list[str] | dict[str, list[str]]) -> dict[str, list[tuple[str, bytes]]]:
     """Figures keyed by the report heading they sit under (see tasks.report_html)."""
     from tasks import report_plots as plots
 
@@ -140,6 +152,8 @@ def report_figures(curves: dict[str, list[dict[str, Any]]], scores: dict[str, An
                          plots.persistence_lines(scores["persistence"]))],
         "Relief valve": [("Held-out loss per model, channels zeroed and on", plots.relief_bars(scores["relief"]))],
         "Gates": [("Final gates per layer and channel", plots.gate_heatmap(scores["gates"]))],
+        "Crosstalk matrix": [("Crosstalk: channel moved (rows) x capability measured (columns)",
+                              plots.crosstalk_heatmap(scores.get("crosstalk")))],
     }
     return {k: [(c, png) for c, png in figs if png is not None] for k, figs in wanted.items()}
 
@@ -190,11 +204,19 @@ def report_task(
     trained: dict[str, dict[str, Any]],
     scored: dict[str, Any],
     steer: dict[str, Any] | None = None,
+    generation: dict[str, Any] | None = None,
+    others: dict[str, dict[str, Any]] | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
+    """`generation` and `others` (the organ experiment): the evaluated model's generate record and every other
+    evaluated model's, {name: generate record}; single-channel ones are compared with the evaluated one."""
+    singles = {name: profile.model_channels(name)[0] for name in others or {}
+               if len(profile.model_channels(name)) == 1}
     inputs = {"corpus": artifact_of(corpus), "pack": artifact_of(pack), "score": artifact_of(scored),
               **{f"model:{n}": artifact_of(r) for n, r in sorted(trained.items())},
-              **({"steer": artifact_of(steer)} if steer is not None else {})}
+              **({"steer": artifact_of(steer)} if steer is not None else {}),
+              **({"generate": artifact_of(generation)} if singles and generation is not None else {}),
+              **{f"generate:{n}": artifact_of(others[n]) for n in sorted(singles) if generation is not None}}
 
     def build(out: Path) -> dict[str, Any]:
         from scorers.io import write_json
@@ -204,12 +226,23 @@ def report_task(
         scores = json.loads(inputs["score"].file("scores.json").read_text())
         models = {n: model_figures(Path(inputs[f"model:{n}"].path)) for n in trained}
         quality = json.loads(inputs["steer"].file("quality.json").read_text()) if "steer" in inputs else None
-        text = render_report(profile, corpus_figures(Path(inputs["corpus"].path)), pack_meta, models, scores, quality)
+        organ = None
+        if "generate" in inputs:
+            from scorers.io import read_generations
+            from scorers.organ import organ_table
+
+            integrated = read_generations(inputs["generate"].file("generations.jsonl"))
+            organ = organ_table(integrated, {cap: (name, read_generations(
+                inputs[f"generate:{name}"].file("generations.jsonl"))) for name, cap in sorted(
+                singles.items(), key=lambda kv: profile.channels.names.index(kv[1]))}, profile.eval.alpha)
+        text = render_report(profile, corpus_figures(Path(inputs["corpus"].path)), pack_meta, models, scores, quality,
+                             organ)
         (out / "report.md").write_text(text, encoding="utf-8")
         write_json(out / "metrics.json", iteration_metrics(profile, models, scores))
         if profile.report.html:
             curves = {n: read_curves(Path(inputs[f"model:{n}"].path)) for n in trained}
-            figures = report_figures(curves, scores, pack_meta["channel_names"])
+            figures = report_figures(curves, scores, {n: model_channels(Path(inputs[f"model:{n}"].path),
+                                                                        pack_meta["channel_names"]) for n in trained})
             page = render_html(f"{profile.report.title}: {profile.name}", text, figures)
             (out / "report.html").write_text(page, encoding="utf-8")
         return {"meta": {"metrics": {}}}

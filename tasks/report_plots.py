@@ -48,8 +48,11 @@ def loss_curves(curves: dict[str, list[dict[str, Any]]]) -> bytes | None:
     return _png(fig)
 
 
-def alpha_curves(curves: dict[str, list[dict[str, Any]]], channel_names: list[str]) -> bytes | None:
-    """alpha_l2 (all gates) and each channel's gate norm over layers, per channel model, against the step."""
+def alpha_curves(curves: dict[str, list[dict[str, Any]]], channel_names: list[str] | dict[str, list[str]]
+                 ) -> bytes | None:
+    """alpha_l2 (all gates) and each channel's gate norm over layers, per channel model, against the step.
+
+    `channel_names`: the channels every model reads, or per model (a model may read a subset)."""
     models = {n: [p for p in pts if p.get("gates")] for n, pts in sorted(curves.items())}
     models = {n: pts for n, pts in models.items() if pts and any(p["gates"] and p["gates"][0] for p in pts)}
     if not models:
@@ -59,9 +62,11 @@ def alpha_curves(curves: dict[str, list[dict[str, Any]]], channel_names: list[st
     for name, pts in models.items():
         steps = [p["step"] for p in pts]
         ax.plot(steps, [p["alpha_l2"] for p in pts], color="black", linewidth=2.2, label=f"{name} alpha_l2")
-        for c, channel in enumerate(channel_names):
+        names = channel_names.get(name, []) if isinstance(channel_names, dict) else channel_names
+        for c, channel in enumerate(names):
             norms = [math.sqrt(sum(layer[c] ** 2 for layer in p["gates"])) for p in pts]
-            ax.plot(steps, norms, linewidth=1.2, label=f"{channel}", color=MODEL_COLORS[c % len(MODEL_COLORS)])
+            label = channel if len(models) == 1 else f"{name}: {channel}"
+            ax.plot(steps, norms, linewidth=1.2, label=label, color=MODEL_COLORS[c % len(MODEL_COLORS)])
     ax.set(xlabel="step", ylabel="gate L2 norm", title="ReZero gates over training (alpha_l2 and per channel)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
@@ -181,4 +186,31 @@ def gate_heatmap(gates: dict[str, Any]) -> bytes | None:
             ax.text(j, i, f"{x:+.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, shrink=0.8)
     ax.set_title(f"Gates per layer and channel (alpha_l2 = {gates['alpha_l2']:.3f})")
+    return _png(fig)
+
+
+def crosstalk_heatmap(matrix: dict[str, Any] | None) -> bytes | None:
+    """The crosstalk matrix: mean per-prompt change of Y's metric when X moves (rows X, columns Y); a frame
+    marks cells significant after Holm (the diagonal: the intended effect, unadjusted)."""
+    if not matrix or not matrix.get("cells"):
+        return None
+    chans = matrix["channels"]
+    at = {(c["x"], c["y"]): c for c in matrix["cells"]}
+    values = [[at[(x, y)]["mean_diff"] if at[(x, y)]["mean_diff"] is not None else 0.0 for y in chans]
+              for x in chans]
+    bound = max(1e-6, max(abs(v) for row in values for v in row))
+    fig = _figure(6.5, 5.5)
+    ax = fig.add_subplot()
+    im = ax.imshow(values, cmap="coolwarm", vmin=-bound, vmax=bound)
+    ax.set_xticks(range(len(chans)), chans, fontsize=8)
+    ax.set_yticks(range(len(chans)), chans, fontsize=8)
+    ax.set_xlabel("capability measured (Y)")
+    ax.set_ylabel("channel moved (X)")
+    for i, x in enumerate(chans):
+        for j, y in enumerate(chans):
+            c = at[(x, y)]
+            ax.text(j, i, f"{values[i][j]:+.2f}" + ("*" if c["significant"] else ""), ha="center", va="center",
+                    fontsize=7)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set_title(f"Crosstalk (* significant at alpha {matrix['alpha']}, off-diagonal Holm)")
     return _png(fig)

@@ -26,19 +26,42 @@ SCORES = "scores.json"
 
 
 @task(name="score", cache_policy=NO_CACHE)
-def score_task(profile: Profile, home: str, generation: dict[str, Any], force: bool = False) -> dict[str, Any]:
-    settings = profile.eval.scoring()
+def score_task(profile: Profile, home: str, generation: dict[str, Any], force: bool = False,
+               model: str | None = None) -> dict[str, Any]:
+    settings = scoring_settings(profile, model)
     inputs = {"generate": artifact_of(generation)}
 
     def build(out: Path) -> dict[str, Any]:
         from scorers.evaluate import headline_metrics, score_all
-        from scorers.io import read_generations, write_json
+        from scorers.io import CROSSTALK, read_generations, write_json
 
         records = read_generations(inputs["generate"].file("generations.jsonl"))
         measurements = json.loads(inputs["generate"].file("measurements.json").read_text())
         scores = score_all(records, settings, measurements)
+        if CROSSTALK in inputs["generate"].files:  # verified against the manifest like every input file
+            crosstalk = inputs["generate"].file(CROSSTALK)
+            from scorers.crosstalk import crosstalk_matrix
+
+            scores["crosstalk"] = crosstalk_matrix(records, read_generations(crosstalk),
+                                                   list(measurements["gates"].get("channel_names", [])),
+                                                   settings["alpha"])
         write_json(out / SETTINGS, settings)
         write_json(out / SCORES, scores)
         return {"meta": {"metrics": headline_metrics(scores)}}
 
-    return run_stage("score", home, settings, inputs, build, force)
+    return run_stage("score", home, settings, inputs, build, force,
+                     name=None if model is None else f"score:{model}")
+
+
+def scoring_settings(profile: Profile, model: str | None = None) -> dict[str, Any]:
+    """The scoring settings; a model that reads a channel subset is held only to the hypotheses it can meet
+    (capability `all`, or one it reads, and a metric defined for one it reads)."""
+    from tinymars.domain import METRIC_CAPABILITIES
+
+    settings = profile.eval.scoring()
+    reads = set(profile.model_channels(model or profile.eval_model()))
+    if reads != set(profile.channels.names):
+        settings["hypotheses"] = [h for h in settings["hypotheses"]
+                                  if (h["capability"] == "all" or h["capability"] in reads)
+                                  and reads & set(METRIC_CAPABILITIES[h["metric"]])]
+    return settings

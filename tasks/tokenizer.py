@@ -1,6 +1,9 @@
 """Tokenizer stage: SentencePiece BPE trained on the prompts and targets of the corpus's train split, plus the
 first `replay.tokenizer_chars` of the replay stream when the profile has one (a production vocabulary needs
-more text than a channel corpus holds; the replay text is what the model will mostly read)."""
+more text than a channel corpus holds; the replay text is what the model will mostly read).
+
+`tokenizer.kind: hf` (the adapter track) trains nothing: the artifact is the frozen base's own tokenizer files
+(corpus.tokenizer.save_hf_tokenizer), keyed by their content (a local folder) or hub name + pinned revision."""
 
 from __future__ import annotations
 
@@ -29,9 +32,11 @@ def replay_identity(profile: Profile) -> dict[str, Any] | None:
 def tokenizer_task(profile: Profile, home: str, corpus: dict[str, Any], force: bool = False) -> dict[str, Any]:
     corpus_art = artifact_of(corpus)
     replay = replay_identity(profile)
-    section = profile.section("tokenizer")
+    section = profile.tokenizer.key()
     if replay is not None:
         section = {**section, "replay": {**replay, "chars": profile.replay.tokenizer_chars}}
+    if profile.tokenizer.kind == "hf":
+        return base_tokenizer(profile, home, corpus_art, section, force)
 
     def build(out: Path) -> dict[str, Any]:
         from corpus.tokenizer import Tokenizer, train_tokenizer, training_texts
@@ -51,5 +56,26 @@ def tokenizer_task(profile: Profile, home: str, corpus: dict[str, Any], force: b
         path = train_tokenizer(texts, out, tok.vocab_size, tok.model_type, tok.character_coverage)
         metrics["vocab_size"] = Tokenizer(path).vocab_size
         return {"meta": {"metrics": metrics}}
+
+    return run_stage("tokenizer", home, section, {"corpus": corpus_art}, build, force)
+
+
+def base_tokenizer(profile: Profile, home: str, corpus_art: Any, section: dict[str, Any],
+                   force: bool) -> dict[str, Any]:
+    """The `kind: hf` stage: copy the base's tokenizer into the artifact. The corpus stays an input so the
+    lineage graph is the same shape for both kinds (and a corpus rebuild reaches pack the same way)."""
+    from corpus.tokenizer import DEFAULT_SEPARATOR, hf_source_identity
+
+    tok = profile.tokenizer
+    section = {**section, "source": hf_source_identity(tok.base, tok.revision)}
+
+    def build(out: Path) -> dict[str, Any]:
+        from corpus.tokenizer import save_hf_tokenizer
+
+        record = save_hf_tokenizer(tok.base, tok.revision, tok.separator or DEFAULT_SEPARATOR, out)
+        logger().info(f"[tokenizer] the base's own tokenizer ({tok.base}): {record['vocab_size']:,} ids, "
+                      f"separator {record['separator']!r}, no SentencePiece training")
+        return {"meta": {"metrics": {"vocab_size": record["vocab_size"]},
+                         "hf_tokenizer": {k: record[k] for k in ("base", "revision", "separator", "files")}}}
 
     return run_stage("tokenizer", home, section, {"corpus": corpus_art}, build, force)

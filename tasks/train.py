@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,9 +32,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from models.fanout import TrainerSlot, plan_slots
-from tasks.common import ROOT, artifact_of, logger, run_stage, stage_code_version
+from tasks.common import ROOT, artifact_of, logger, run_stage, stage_code_version, stage_progress
 from tinymars.artifacts import ArtifactStore, stage_key, write_atomic
 from tinymars.profile import ModelSpec, Profile
+from tinymars.progress import ProgressCallback
 
 # Wall-clock fields of the trainer's per-step records: they differ between two runs that train the
 # very same weights, so they go to a volatile file (verified, outside the content hash; see
@@ -49,6 +51,22 @@ def split_wall_clock(out: Path) -> None:
     (out / "metrics.jsonl").write_text("".join(
         json.dumps({k: v for k, v in r.items() if k not in TIMING_FIELDS}) + "\n" for r in records))
     (out / TIMING_FILE).write_text("".join(json.dumps(r) + "\n" for r in timing))
+
+
+# The trainer's step line (models.trainer.Trainer.write_metrics): "step 4/12 loss 6.883 lr ... tok/s 14,146 ..."
+STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss (\S+) .*?tok/s ([\d,.]+)")
+
+
+def follow_steps(line: str, progress: ProgressCallback) -> None:
+    """Move the training bar when `line` is one of the trainer's step lines (anything else is ignored)."""
+    match = STEP_LINE.match(line)
+    if match is None:
+        return
+    step, steps, loss, tok_s = match.groups()
+    try:
+        progress(int(step), int(steps), loss=float(loss), tok_s=float(tok_s.replace(",", "")))
+    except ValueError:  # a nan loss prints as "nan" (a float); anything stranger is not worth a crash
+        return
 
 
 @contextlib.contextmanager
@@ -124,8 +142,12 @@ def train_task(
             cmd = launch_command(work / "job.json", nproc, kind)
             where = f" ({slot.describe()})" if slot is not None else ""
             log.info(f"[train:{spec.name}] {spec.arch} on {nproc} x {kind}{where}: {' '.join(cmd[1:])}")
-            code, tail = run_streaming(cmd, lambda line: log.info(f"[train:{spec.name}] {line}"), cwd=ROOT,
-                                       env=slot.env if slot is not None else None)
+            with stage_progress(f"[train:{spec.name}] steps", t.steps, "step") as progress:
+                def on_line(line: str) -> None:
+                    log.info(f"[train:{spec.name}] {line}")
+                    follow_steps(line, progress)
+
+                code, tail = run_streaming(cmd, on_line, cwd=ROOT, env=slot.env if slot is not None else None)
             if code != 0:
                 raise RuntimeError(f"training '{spec.name}' exited with code {code}; checkpoints (if any) are kept "
                                    f"in {work} for the retry. Last output:\n" + "\n".join(tail[-15:]))

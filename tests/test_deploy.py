@@ -58,7 +58,8 @@ def test_deployed_iteration_then_cached_rerun(stack):
     run = local.run_deployment("iteration/iteration", params)
     assert run["state"]["type"] == "COMPLETED", run["state"]
     stages = _stages(home, _latest_run(home))
-    expected = len(ORDER) - 1 + len(load_profile("tiny").train.models)  # train runs once per model
+    # train runs once per model; replay only with a replay section (tiny has none)
+    expected = len(ORDER) - 2 + len(load_profile("tiny").train.models)
     assert len(stages) == expected and not any(s["cache_hit"] for s in stages.values())
     arts = local.post("/artifacts/filter", {"artifacts": {"key": {"any_": ["tinymars-report"]}}})
     assert arts and "MARS vs ABLATED" in arts[0]["data"]
@@ -93,6 +94,11 @@ def test_schedules_from_yaml_are_registered(stack):
     assert weekly["schedule"]["cron"] == "0 3 * * 1" and weekly["active"] is False
     assert local.deployment("benchmark/benchmark")["work_pool_name"] == "tinymars-cpu"
     assert local.deployment("train/train")["work_pool_name"] == "tinymars-accel"
+    sweep = local.deployment("sweep/sweep")
+    assert sweep["work_pool_name"] == "tinymars-cpu" and sweep["parameters"]["vary"] == {"train.lr": [1e-3, 3e-3]}
+    for name in ("organ", "adapter"):  # the iteration flow with that shipped profile
+        dep = local.deployment(f"iteration/{name}")
+        assert dep["parameters"]["profile"] == name and dep["work_pool_name"] == "tinymars-cpu"
     # teacher calls of every run share one global concurrency limit (tasks/corpus.py acquires it)
     assert local.get("/v2/concurrency_limits/tinymars-teacher")["limit"] == 32
 

@@ -136,7 +136,9 @@ def test_the_embedder_fingerprint_follows_its_files_and_is_cached(tmp_path, monk
 # ------------------------------------------------------------------ code versions cover what the stages run
 # How a key is made, not what a stage computes (the profile enters every key as data).
 INFRASTRUCTURE = {"tasks/common.py", "tinymars/artifacts.py", "tinymars/profile.py", "tinymars/prices.py",
-                  "tinymars/stages.py", "tinymars/lineage.py"}
+                  "tinymars/stages.py", "tinymars/lineage.py",
+                  "tinymars/sweep.py",  # the profile's sweep-section validation
+                  "tinymars/progress.py"}  # what a terminal shows while a stage runs, never its bytes
 PACKAGES = {"corpus", "models", "scorers", "tinymars", "tasks"}
 
 

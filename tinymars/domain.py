@@ -94,3 +94,8 @@ assert set(VOCAB_SPEC_KEYS) == {k for keys in VOCAB_ARCH_KEYS.values() for k in 
 
 # ---- orchestration names shared by tasks (which acquire) and deploy (which creates) ----------------
 TEACHER_LIMIT = "tinymars-teacher"  # Prefect global concurrency limit on teacher requests across runs
+
+
+def crosstalk_arm(channel: str, state: str) -> str:
+    """The arm label of a crosstalk generation: `channel` held at its state 'a' or 'b' (models/scorers.crosstalk)."""
+    return f"x:{channel}:{state}"

@@ -283,9 +283,45 @@ class ChannelsSection(Section):
 
 # ---------------------------------------------------------------- tokenizer / pack
 class TokenizerSection(Section):
+    """`kind: sentencepiece` (default) trains BPE/unigram on the corpus's train split; `kind: hf` uses a frozen
+    base's own tokenizer (the adapter track): nothing is trained, the base's vocabulary is the vocabulary."""
+
+    kind: Literal["sentencepiece", "hf"] = "sentencepiece"
     vocab_size: Annotated[int, Field(le=262144)] = 2000
     model_type: Literal["bpe", "unigram"] = "bpe"
     character_coverage: Annotated[float, Field(gt=0, le=1)] = 1.0
+    base: str | None = Field(default=None, description="kind hf: the base's local HF model folder (./path) or hub "
+                                                        "name (pin `revision`)")
+    revision: str | None = Field(default=None, description="kind hf, hub base: its commit (40 hex digits)")
+    separator: str | None = Field(default=None, description="kind hf: text between prompt and answer "
+                                                            "(default '\\nAnswer:'; no new token: the base is frozen)")
+
+    @model_validator(mode="after")
+    def _kind_fits(self) -> TokenizerSection:
+        hf_only = [k for k in ("base", "revision", "separator") if getattr(self, k) is not None]
+        if self.kind == "sentencepiece":
+            if hf_only:
+                raise ValueError(f"{', '.join(hf_only)} are for kind 'hf' (a frozen base's own tokenizer); remove "
+                                 "them or set kind: hf")
+            return self
+        trained = sorted({"vocab_size", "model_type", "character_coverage"} & self.model_fields_set)
+        if trained:
+            raise ValueError(f"kind 'hf' uses the base's own vocabulary; remove {', '.join(trained)}")
+        if self.base is None:
+            raise ValueError("kind 'hf' needs base: the adapter base's local Hugging Face folder (e.g. ./bases/x) "
+                             "or its hub name with a pinned revision")
+        if not is_local_source(self.base) and (self.revision is None
+                                               or not re.fullmatch(r"[0-9a-f]{40}", self.revision)):
+            raise ValueError(f"revision: the hub base '{self.base}' needs a pinned revision (its commit: 40 hex "
+                             "digits, from huggingface_hub.HfApi().model_info(name).sha), so a rerun reads the same "
+                             "tokenizer; or point base at a local folder (./path)")
+        return self
+
+    def key(self) -> dict[str, Any]:
+        """The settings the stage depends on (a SentencePiece key is what it was before `kind` existed)."""
+        if self.kind == "sentencepiece":
+            return self.model_dump(mode="json", exclude={"kind", "base", "revision", "separator"})
+        return self.model_dump(mode="json", include={"kind", "base", "revision", "separator"})
 
     @field_validator("vocab_size")
     @classmethod
@@ -326,9 +362,18 @@ class ModelSpec(Section):
     fourier_basis: Annotated[int, Field(ge=1)] | None = None
     op_width: Annotated[int, Field(ge=1)] | None = None
     softcap: Annotated[float, Field(gt=0)] | None = None
+    channels: list[Capability] | None = Field(
+        default=None, description="native: the channels this model reads (a subset of channels.enabled; default "
+                                  "all). One pack serves every model; the model keeps only its own channels")
 
     @model_validator(mode="after")
     def _shape_fits_arch(self) -> ModelSpec:
+        if self.channels is not None:
+            if self.arch != "native":
+                raise ValueError(f"channels: a channel subset is for arch 'native', not '{self.arch}'; remove it")
+            if not self.channels or len(set(self.channels)) != len(self.channels):
+                raise ValueError(f"channels: needs distinct capabilities, at least one (got {self.channels}); "
+                                 "leave it out to read every enabled channel")
         vocab_given = [k for k in VOCAB_SPEC_KEYS if getattr(self, k) is not None]
         if self.arch in VOCAB_ARCH_KEYS:
             allowed = VOCAB_ARCH_KEYS[self.arch]
@@ -537,6 +582,13 @@ class EvalSection(Section):
     weights: Literal["best", "last"] = Field(
         default="best", description="which trained weights generation, the relief valve and the steer readout "
         "use: best (the step with the lowest held-out loss; last when a model has no held-out eval) or last")
+    models: list[str] | None = Field(
+        default=None, description="more natives to evaluate beside `model`, each in its own generate:<name> and "
+        "score:<name> stages on the held-out prompts of the capabilities it reads; the report compares each "
+        "single-channel model with `model` (the integrated one) per capability (the organ experiment)")
+    crosstalk: bool = Field(
+        default=False, description="also generate the crosstalk matrix of `model`: each channel moved between two "
+        "of its poles or items on every other capability's held-out prompts (docs/methods.md)")
 
     @field_validator("arms")
     @classmethod
@@ -629,6 +681,27 @@ class OrchestrationSection(Section):
     dispatch_timeout_s: Annotated[float, Field(gt=0)] = 86400.0
 
 
+class SweepSection(Section):
+    """A grid to run as one sweep (`tinymars sweep`, flows/sweep.py): the product of `vary`'s value lists.
+
+    Keys and the grid's shape are checked here; each point's values are validated as whole profiles by the
+    sweep's pre-flight (tinymars.sweep) before any work."""
+
+    vary: dict[str, list[Any]] = Field(description="dotted profile key -> values, e.g. {train.lr: [1e-3, 3e-3]}")
+    max_parallel: Annotated[int, Field(ge=1)] = Field(
+        default=1, description="points run at once (on CPU keep 1; on an accelerator points share its devices)")
+
+    @field_validator("vary")
+    @classmethod
+    def _grid(cls, v: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        from tinymars.sweep import SweepError, check_vary
+
+        try:
+            return check_vary(v)
+        except SweepError as exc:  # pydantic names the field already
+            raise ValueError(str(exc).removeprefix("sweep.vary.").removeprefix("sweep: ")) from None
+
+
 class Profile(Section):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
     description: str = ""
@@ -642,6 +715,7 @@ class Profile(Section):
     orchestration: OrchestrationSection = OrchestrationSection()
     steering: SteeringSection = SteeringSection()
     replay: ReplaySection | None = None
+    sweep: SweepSection | None = None
 
     @model_validator(mode="after")
     def _cross_section(self) -> Profile:
@@ -650,8 +724,34 @@ class Profile(Section):
             raise ValueError(f"eval.model: '{self.eval.model}' is not a train.models name; allowed: {names}")
         if self.eval.model is not None:
             arch = next(m.arch for m in self.train.models if m.name == self.eval.model)
-            if arch != "native":
-                raise ValueError(f"eval.model: '{self.eval.model}' has arch '{arch}'; MARS vs ABLATED needs a native")
+            if arch not in ("native", "adapter"):
+                raise ValueError(f"eval.model: '{self.eval.model}' has arch '{arch}'; MARS vs ABLATED needs a native "
+                                 "or an adapter (a model that reads the channels)")
+            if arch == "adapter" and self.steering.enabled:
+                raise ValueError(f"steering.enabled: the steer readout reads a native's residual stream, and "
+                                 f"eval.model '{self.eval.model}' is an adapter; set steering.enabled: false")
+        if self.tokenizer.kind == "hf" and self.replay is not None:
+            raise ValueError("replay: the replay stage tokenises with a SentencePiece tokenizer, and tokenizer.kind "
+                             "is 'hf'; remove the replay section (or use tokenizer.kind: sentencepiece)")
+        enabled = set(self.channels.enabled)
+        for i, m in enumerate(self.train.models):
+            unknown = [c for c in m.channels or [] if c not in enabled]
+            if unknown:
+                raise ValueError(f"train.models.{i}.channels: {unknown} are not in channels.enabled "
+                                 f"({sorted(enabled)}); enable them or remove them from the model's channels")
+        for name in self.eval.models or []:
+            spec = next((m for m in self.train.models if m.name == name), None)
+            if spec is None or spec.arch != "native":
+                raise ValueError(f"eval.models: '{name}' is not a native in train.models; allowed: "
+                                 f"{[m.name for m in self.train.models if m.arch == 'native']}")
+        if self.eval.models is not None and len(set(self.eval.models)) != len(self.eval.models):
+            raise ValueError("eval.models: lists a model twice")
+        evaluated = {n: self.model_channels(n) for n in self.evaluated_models()}
+        for h in self.eval.hypotheses:
+            if h.capability != "all" and not any(h.capability in caps for caps in evaluated.values()):
+                raise ValueError(f"eval.hypotheses: {h.id} is about {h.capability}, whose channel no evaluated "
+                                 f"model reads ({', '.join(evaluated)}); add {h.capability} to the model's "
+                                 "train.models.*.channels or drop the hypothesis")
         most = self.corpus.prompts_per_capability
         if (self.eval.max_prompts_per_capability or 0) > most:
             raise ValueError(f"eval.max_prompts_per_capability: {self.eval.max_prompts_per_capability} exceeds the "
@@ -672,6 +772,16 @@ class Profile(Section):
 
     def eval_model(self) -> str:
         return self.eval.model or next(m.name for m in self.train.models if m.arch == "native")
+
+    def evaluated_models(self) -> list[str]:
+        """The evaluated model first, then eval.models' others (each gets its own generate and score stages)."""
+        first = self.eval_model()
+        return [first, *(n for n in self.eval.models or [] if n != first)]
+
+    def model_channels(self, name: str) -> tuple[str, ...]:
+        """The channels a model reads: its `channels` subset, or every enabled channel (data order)."""
+        spec = next(m for m in self.train.models if m.name == name)
+        return tuple(c for c in self.channels.names if spec.channels is None or c in spec.channels)
 
     def hash(self) -> str:
         return hash_json(self.model_dump(mode="json"))

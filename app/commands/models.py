@@ -40,14 +40,15 @@ def model_rows(prof: Any) -> list[dict[str, Any]]:
     from models.architectures import build, count_params, count_trainable
     from models.sizing import profile_specs
 
-    kw = {"vocab_size": prof.tokenizer.vocab_size, "seq_len": prof.pack.seq_len,
+    kw = {"vocab_size": profile_vocab(prof), "seq_len": prof.pack.seq_len,
           "channel_names": prof.channels.names, "channel_dim": prof.channels.max_dim}
     rows = []
     for name, spec in profile_specs(prof).items():
         with torch.device("meta"):
             model = build(spec, **kw)
         row = {"name": name, "arch": spec["arch"], "n_layer": spec.get("n_layer"), "n_head": spec.get("n_head"),
-               "d_model": spec.get("d_model"), "params": count_params(model), "trainable": count_trainable(model)}
+               "d_model": spec.get("d_model"), "params": count_params(model), "trainable": count_trainable(model),
+               "channels": list(getattr(getattr(model, "cfg", None), "channel_names", ())) or None}
         if spec["arch"] == "adapter":
             row |= {"n_layer": model.base_info["n_layer"], "d_model": model.base_info["width"],
                     "base_params": model.base_params(), "dropped": model.base_info["dropped"]}
@@ -56,6 +57,15 @@ def model_rows(prof: Any) -> list[dict[str, Any]]:
     for row in rows:
         row["vs_native"] = None if native is None else row["params"] / native - 1.0
     return rows
+
+
+def profile_vocab(prof: Any) -> int:
+    """The data's vocabulary: the SentencePiece size, or a frozen base's own (tokenizer.kind hf)."""
+    if prof.tokenizer.kind == "hf":
+        from corpus.tokenizer import base_vocab_size
+
+        return base_vocab_size(prof.tokenizer.base, prof.tokenizer.revision)
+    return prof.tokenizer.vocab_size
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -70,10 +80,12 @@ def cmd_models(args: argparse.Namespace) -> int:
                           "reference_vs_native": {k: v / ref_native - 1.0 for k, v in REFERENCE.items()}}, indent=1))
         return 0
     dims = ", ".join(f"{name} {spec.dim}" for name, spec in prof.channels.enabled.items())
-    print(f"profile '{prof.name}': vocab {prof.tokenizer.vocab_size:,}, seq_len {prof.pack.seq_len}, "
+    print(f"profile '{prof.name}': vocab {profile_vocab(prof):,}, seq_len {prof.pack.seq_len}, "
           f"{len(prof.channels.names)} channels ({dims}; encoders sized per channel)")
     print_table([{"model": r["name"], "arch": r["arch"], "n_layer": r["n_layer"], "n_head": r["n_head"] or "",
-                  "d_model": r["d_model"], "params": f"{r['params'] / 1e6:.1f}M ({r['params']:,})",
+                  "d_model": r["d_model"],
+                  "channels": "" if r["arch"] != "native" or r["channels"] == list(prof.channels.names)
+                  else ",".join(r["channels"] or []), "params": f"{r['params'] / 1e6:.1f}M ({r['params']:,})",
                   "trainable": "all" if r["trainable"] == r["params"] else f"{r['trainable']:,}",
                   "vs native": "" if r["vs_native"] is None else f"{r['vs_native']:+.1%}",
                   "frozen base": f"{r['base_params'] / 1e6:.1f}M" if "base_params" in r else ""} for r in rows])
