@@ -58,14 +58,18 @@ def save_model(model: nn.Module, out_dir: Path, extra: dict[str, Any] | None = N
     return meta
 
 
-def load_model(model_dir: str | Path, device: str = "cpu") -> nn.Module:
-    """Rebuild a model through the registry from model.json, verify and load model.safetensors."""
+def load_model(model_dir: str | Path, device: str = "cpu", base: str | Path | None = None) -> nn.Module:
+    """Rebuild a model through the registry from model.json, verify and load model.safetensors.
+
+    `base`: an adapter's frozen base folder, replacing the one model.json records (the base has moved)."""
     model_dir = Path(model_dir)
     if not (model_dir / META).is_file():
         raise CheckpointError(f"{model_dir / META}: missing; {model_dir} is not a trained model folder")
     meta = json.loads((model_dir / META).read_text())
     check_sha(model_dir / WEIGHTS, meta.get("weights_sha256"))
     info = meta["build"]
+    if base is not None:
+        info = {**info, "spec": {**info["spec"], "base": str(base)}}
     model = build(info["spec"], vocab_size=info["vocab_size"], seq_len=info["seq_len"],
                   channel_names=info["channel_names"], channel_dim=info["channel_dim"], seed=info["seed"])
     load_weights(model, model_dir / WEIGHTS)

@@ -20,6 +20,9 @@ Weights and concurrency: `engine.model` is an immutable snapshot. An online trai
 it trains its own copy and `publish`es a new snapshot (a reference swap). A batch reads `engine.model`
 once when it starts, so every token of a response comes from one consistent set of weights, while
 later batches see the newer weights (read-copy-update: old snapshots are freed when their last batch ends).
+An adapter (a frozen HF or tinymars base + channel adapters) is the exception: its base is too big to copy per
+update, so `publish` copies the adapter weights into the one snapshot between batches, under the batch lock.
+It decodes through the base's own KV cache (models.adapter.AdapterLM.decode) and has no steering or readouts.
 """
 
 from __future__ import annotations
@@ -43,7 +46,10 @@ from models.generate import GREEDY, Sampling, eval_kind, eval_runtime
 from models.live_channels import ChannelEncoder, ChannelLayout, ChannelStateError, parse_state
 from models.steer_hook import add_to_residual
 
-SERVABLE_ARCHS = ("native", "baseline", "vocab_graph", "vocab_conv")
+SERVABLE_ARCHS = ("native", "baseline", "vocab_graph", "vocab_conv", "adapter")
+# An adapter's residual stream is its frozen base's, and steer readouts are extracted from a native's: no readout
+# file describes it, so steering and readouts are refused (clear 400s) rather than guessed.
+NO_READOUT_ARCHS = ("adapter",)
 CHAT_ROLES = ("system", "user", "assistant")
 GUMBEL_ROW = 0  # a request draws the noise models.generate gives a prompt in row 0: its own, batch or not
 
@@ -68,11 +74,26 @@ class ModelSource:
     model_dir: Path
     name: str
     arch: str
-    tokenizer: Path
+    tokenizer: Path  # a SentencePiece tokenizer.model, or a tokenizer artifact folder (open_tokenizer opens both)
     layout: ChannelLayout
     seq_len: int
     content_hash: str | None  # the model artifact's content hash (None: a folder outside any store)
     pack_hash: str | None
+    base: Path | None = None  # an adapter's frozen base folder (absolute); None for every other arch
+
+    def load_model(self) -> nn.Module:
+        """A fresh copy of the trained weights (an adapter with its own copy of the base), on the CPU."""
+        from models.checkpoint import load_model
+
+        return load_model(self.model_dir, base=self.base)
+
+
+def open_tokenizer(path: str | Path) -> Any:
+    """A `ModelSource.tokenizer`: a SentencePiece model file, or a tokenizer artifact folder (ours or an HF base's)."""
+    from corpus.tokenizer import Tokenizer, load_tokenizer
+
+    path = Path(path)
+    return Tokenizer(path) if path.is_file() else load_tokenizer(path)
 
 
 def _manifest(folder: Path) -> dict[str, Any] | None:
@@ -90,12 +111,15 @@ def _by_hash(root: Path, stage: str, content_hash: str) -> tuple[Path, dict[str,
     return None
 
 
-def trace_model(model_dir: str | Path, tokenizer: str | Path | None = None) -> ModelSource:
-    """The model folder's arch, tokenizer and channel layout (names, widths, embedder).
+def trace_model(model_dir: str | Path, tokenizer: str | Path | None = None,
+                base: str | Path | None = None) -> ModelSource:
+    """The model folder's arch, tokenizer and channel layout (names, widths, embedder), and an adapter's base.
 
     Follows the manifests' input hashes (model -> pack -> tokenizer, channels), so it finds the exact
-    tokenizer and embedder the model was trained with. A folder outside a store needs `tokenizer`; its
-    channel layout then comes from model.json alone and text channels have no embedder.
+    tokenizer and embedder the model was trained with (an adapter's: its HF base's own tokenizer artifact).
+    A folder outside a store needs `tokenizer`; its channel layout then comes from model.json alone and text
+    channels have no embedder. An adapter's base is the folder its model.json records (build.spec.base, as the
+    train stage resolved it) unless `base` names it (the base moved, or the model came from another machine).
     """
     folder = Path(model_dir).expanduser().resolve()
     meta_path = folder / "model.json"
@@ -103,8 +127,8 @@ def trace_model(model_dir: str | Path, tokenizer: str | Path | None = None) -> M
         raise EngineError(f"model: {folder} has no model.json; pass a trained model folder or its artifact hash")
     info = json.loads(meta_path.read_text())["build"]
     if info["arch"] not in SERVABLE_ARCHS:
-        raise EngineError(f"model: arch {info['arch']!r} is not servable; supported: {', '.join(SERVABLE_ARCHS)} "
-                          "(an adapter keeps its base outside the weights and has its own tokenizer)")
+        raise EngineError(f"model: arch {info['arch']!r} is not servable; supported: {', '.join(SERVABLE_ARCHS)}")
+    base_dir = _adapter_base(info, base) if info["arch"] == "adapter" else None
     manifest = _manifest(folder) or {}
     pack_hash = manifest.get("inputs", {}).get("pack")
     root = folder.parents[1]
@@ -121,17 +145,28 @@ def trace_model(model_dir: str | Path, tokenizer: str | Path | None = None) -> M
         if channels is not None:
             embedder = json.loads((channels[0] / "channels.json").read_text()).get("embedder")
         tok = _by_hash(root, "tokenizer", pack_manifest["inputs"].get("tokenizer", ""))
-        if tokenizer is None and tok is not None:
-            tokenizer = tok[0] / "tokenizer.model"
+        if tokenizer is None and tok is not None:  # ours (tokenizer.model) or an HF base's (the artifact folder)
+            tokenizer = tok[0] / "tokenizer.model" if (tok[0] / "tokenizer.model").is_file() else tok[0]
     if tokenizer is None:
         raise EngineError(f"tokenizer: cannot trace {folder} to its tokenizer through the artifact store ({root}); "
-                          "pass --tokenizer PATH/tokenizer.model")
-    if not Path(tokenizer).is_file():
+                          "pass --tokenizer PATH/tokenizer.model (or a tokenizer artifact folder)")
+    if not Path(tokenizer).exists():
         raise EngineError(f"tokenizer: {tokenizer} does not exist")
     name = manifest.get("meta", {}).get("model") or folder.name
     return ModelSource(folder, str(name), info["arch"], Path(tokenizer),
                        ChannelLayout(names, dims, int(info["channel_dim"]) if names else 0, embedder),
-                       int(info["seq_len"]), manifest.get("content_hash"), pack_hash)
+                       int(info["seq_len"]), manifest.get("content_hash"), pack_hash, base_dir)
+
+
+def _adapter_base(info: dict[str, Any], base: str | Path | None) -> Path:
+    """The adapter's frozen base folder, checked before anything loads (weights never download here)."""
+    recorded = info["spec"].get("base")
+    folder = Path(base if base is not None else str(recorded)).expanduser()
+    if not folder.is_dir():
+        where = "--base" if base is not None else "model.json build.spec.base"
+        raise EngineError(f"base: the adapter's frozen base {str(folder)!r} ({where}) is not a folder; pass --base "
+                          "PATH: the base's Hugging Face (or tinymars) model folder")
+    return folder.resolve()
 
 
 # ---- readouts and steering ----------------------------------------------------------------------------
@@ -229,22 +264,25 @@ class Engine:
     @classmethod
     def load(cls, model_dir: str | Path, *, tokenizer: str | Path | None = None, readouts: str | Path | None = None,
              readout_layer: int | str = "auto", device: str = "cpu",
-             embed: Callable[[list[str]], np.ndarray] | None = None) -> Engine:
+             embed: Callable[[list[str]], np.ndarray] | None = None, base: str | Path | None = None) -> Engine:
         """Load a trained model folder, its tokenizer and channel layout (traced), and optionally a readout.
 
         `embed` (texts -> L2-normalised vectors) replaces loading the model's embedder: pass one you already
         hold, and make sure it is the embedder the model was trained with (`source.layout.embedder`).
+        `base`: an adapter's frozen base folder when the one its model.json records has moved.
         """
-        from corpus.tokenizer import Tokenizer
-        from models.checkpoint import load_model
-
-        source = trace_model(model_dir, tokenizer)
+        source = trace_model(model_dir, tokenizer, base)
+        if readouts is not None and source.arch in NO_READOUT_ARCHS:
+            raise EngineError(f"readouts: arch {source.arch!r} cannot be steered or read out (its residual stream is "
+                              "a frozen base's; steer readouts are extracted from a native); serve it without "
+                              "--readouts")
         runtime = eval_runtime(eval_kind(device))
-        model = load_model(source.model_dir)
+        model = source.load_model()
         readout = None
         if readouts is not None:
             readout = load_readouts(readouts, _hidden_size(model), readout_layer)
-        return cls(model, source, Tokenizer(source.tokenizer), readout, runtime, ChannelEncoder(source.layout, embed))
+        return cls(model, source, open_tokenizer(source.tokenizer), readout, runtime,
+                   ChannelEncoder(source.layout, embed))
 
     def _frozen(self, model: nn.Module) -> nn.Module:
         model = model.to(self.runtime.device).eval()
@@ -256,14 +294,29 @@ class Engine:
         """The current weights snapshot (read it once per batch)."""
         return self._model
 
+    @property
+    def publishes_in_place(self) -> bool:
+        """An adapter's snapshot is updated in place (its frozen base is too big to copy per update; see publish)."""
+        return self.source.arch == "adapter"
+
     def publish(self, model: nn.Module) -> None:
-        """Make `model` (a copy nobody else mutates) the snapshot new batches use; running batches keep theirs."""
-        self._model = self._frozen(model)
+        """Make `model`'s weights the ones new batches use; running batches keep theirs.
+
+        Natives and the rest: `model` (a copy nobody else mutates) becomes the snapshot (a reference swap).
+        An adapter: its trained weights are copied into the one snapshot under the batch lock, between batches
+        (a batch holds the lock for all its tokens), so its frozen base is never copied.
+        """
+        if self.publishes_in_place:
+            with self._lock, torch.no_grad():
+                self._model.load_state_dict(model.state_dict())
+        else:
+            self._model = self._frozen(model)
         self.version += 1
 
     def describe(self) -> dict[str, Any]:
         s = self.source
         return {"name": s.name, "arch": s.arch, "content_hash": s.content_hash, "seq_len": s.seq_len,
+                **({"base": str(s.base)} if s.base is not None else {}),
                 "channels": dict(zip(s.layout.names, s.layout.dims, strict=True)), "embedder": s.layout.embedder,
                 "readout": None if self.readout is None else {
                     "layer": self.readout.layer, "concepts": list(self.readout.concepts),
@@ -284,6 +337,7 @@ class Engine:
         """`{"concept": c, "multiplier": m}` or a list of them, checked against the loaded readout."""
         if raw is None:
             return ()
+        self._check_readable(field)
         if self.readout is None:
             raise RequestError(field, "this engine has no readout file; start it with --readouts STEER_ARTIFACT")
         items = raw if isinstance(raw, list) else [raw]
@@ -301,8 +355,13 @@ class Engine:
             out.append(SteerSpec(item["concept"], float(m)))
         return tuple(out)
 
+    def _check_readable(self, field: str) -> None:
+        if self.source.arch in NO_READOUT_ARCHS:
+            raise RequestError(field, f"arch {self.source.arch!r} has no steering or readouts (its residual stream "
+                               "is a frozen base's; steer readouts are extracted from a native); leave it out")
+
     def prompt_ids(self, text: str) -> list[int]:
-        """`[bos] text <target>`: the layout the model answers after."""
+        """`[bos] text <target>` (an HF base's tokenizer: `[bos] text separator`): what the model answers after."""
         return self.tokenizer.prompt_ids(text)
 
     def continuation_ids(self, text: str) -> list[int]:
@@ -347,6 +406,8 @@ class Engine:
             raise RequestError(field, f"{len(ids)} tokens; this model's context is {self.source.seq_len} tokens")
         if max_new_tokens < 1:
             raise RequestError("max_tokens", f"must be >= 1, got {max_new_tokens}")
+        if readouts:
+            self._check_readable("readouts")
         if readouts and self.readout is None:
             raise RequestError("readouts", "this engine has no readout file; start it with --readouts STEER_ARTIFACT")
         budget = min(max_new_tokens, self.source.seq_len - len(ids))
@@ -524,5 +585,5 @@ def continuation_ids_of(engine: Engine, value: Any, field: str, *, as_context: b
 
 
 __all__ = ["ChannelStateError", "ContinuationBatch", "Engine", "EngineError", "Generation", "GenerationRequest",
-           "Readout", "RequestError", "SteerSpec", "TokenEvent", "continuation_batch", "continuation_ids_of",
-           "load_readouts", "per_row_loss", "trace_model"]
+           "ModelSource", "Readout", "RequestError", "SteerSpec", "TokenEvent", "continuation_batch",
+           "continuation_ids_of", "load_readouts", "open_tokenizer", "per_row_loss", "trace_model"]

@@ -8,7 +8,9 @@
   weights have learned (examples.jsonl, cumulative over the chain of online checkpoints).
 - The worker trains its own copy of the weights, never the engine's snapshot. After each call's update it
   publishes a copy (Engine.publish), so generation never waits for training and never sees a half-applied
-  step: a batch reads one snapshot for all its tokens.
+  step: a batch reads one snapshot for all its tokens. An adapter trains its adapter weights only (its base is
+  frozen and kept out of the optimizer; the trainer holds its own copy of the base, so a training forward never
+  runs through the hooks of the base that generation is decoding with) and is published in place.
 - `checkpoint` writes a new model artifact through the ArtifactStore (stage `train`, the same files as a
   trained model plus optimizer.pt and examples.jsonl) and records it in lineage with its parent model.
 """
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save
+from safetensors.torch import load, save
 
 from models.checkpoint import torch_bytes
 from models.engine import Engine, continuation_batch, per_row_loss
@@ -87,12 +89,10 @@ class OnlineTrainer:
     """Learns examples in a background thread on its own copy of the engine's model; see the module doc."""
 
     def __init__(self, engine: Engine, settings: OptimizerSettings = OptimizerSettings(), batch_size: int = 8):
-        from models.checkpoint import load_model
-
         self.engine = engine
         self.settings = settings
         self.batch_size = batch_size
-        self.model = load_model(engine.source.model_dir).to(engine.runtime.device).train()
+        self.model = engine.source.load_model().to(engine.runtime.device).train()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay,
                                            betas=settings.betas)
@@ -155,8 +155,10 @@ class OnlineTrainer:
                 with self._lock:
                     self._train(job)
                     self.learned.extend(ex.record() for ex in job.examples)
-                    published = copy.deepcopy(self.model)  # the trainer's copy has no hooks; grads are None
-                self.engine.publish(published)
+                    if self.engine.publishes_in_place:  # an adapter: its weights are copied in, the base never
+                        self.engine.publish(self.model)
+                    else:
+                        self.engine.publish(copy.deepcopy(self.model))  # the copy has no hooks; grads are None
                 with self._state_lock:
                     self._counts["done"] += len(job.examples)
             except Exception as exc:  # a bad update must not kill the worker: report it, let the examples retry
@@ -210,7 +212,8 @@ class OnlineTrainer:
             optimizer = torch_bytes(self.optimizer.state_dict())
             learned = list(self.learned)
             history = list(self._history)
-            model = copy.deepcopy(self.model).cpu()
+        state = load(weights)  # the snapshot's tensors (no deepcopy: an adapter's frozen base would come along)
+        model = self.model  # read below for its build info and parameter count only, which training never changes
         parent = self.parent_hash
         source = self.engine.source
         online = {"parent": parent, "examples": len(learned), "optimizer": self.status()["optimizer"]}
@@ -219,7 +222,7 @@ class OnlineTrainer:
         def build(out: Path) -> dict[str, Any]:
             from models.checkpoint import save_model
 
-            save_model(model, out, extra={"online": online})
+            save_model(model, out, extra={"online": online}, state=state)
             if (out / WEIGHTS).read_bytes() != weights:  # save_model re-serialises the same state: it must agree
                 raise RuntimeError("online checkpoint: the saved weights differ from the snapshot taken")
             (out / OPTIMIZER_FILE).write_bytes(optimizer)

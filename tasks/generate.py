@@ -105,7 +105,11 @@ def generate_task(
         mats = load_channels(Path(inputs["channels"].path))
         tok = load_tokenizer(inputs["tokenizer"].path)  # ours, or an adapter base's own (tokenizer.kind hf)
         meta = json.loads(inputs["pack"].file("pack.json").read_text())
-        folders = {name: weights_folder(inputs[f"model:{name}"].path, section.weights) for name in trained}
+        # the evaluated model and the models its relief valve compares it with; a model evaluated by its own
+        # generate stage (eval.model and eval.models: the organ experiment's natives) is measured there
+        own_stage = {profile.eval_model(), *(profile.eval.models or [])} - {target}
+        needed = [name for name in trained if name not in own_stage]
+        folders = {name: weights_folder(inputs[f"model:{name}"].path, section.weights) for name in needed}
         for name, (_, which) in sorted(folders.items()):
             log.info(f"[generate] {name}: {which} weights (eval.weights: {section.weights})")
         models = {name: load_model(folder) for name, (folder, _) in folders.items()}

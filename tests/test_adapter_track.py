@@ -1,4 +1,5 @@
-"""The adapter track as an iteration: `tinymars run --profile adapter` on a tiny local HF model built here, offline.
+"""The adapter track as an iteration: `tinymars run --profile adapter` on a tiny local HF model built here, offline,
+and `tinymars serve-model` on the adapter it trains (the last section).
 
 The base is a 2-block, 32-wide random Llama with a 1,024-id byte-level BPE tokenizer (bos <s>, eos </s>, pad
 <pad>), saved where the shipped profile looks for it (./bases/tiny-hf, relative to the working folder).
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app.cli import main
@@ -175,3 +177,110 @@ def test_a_missing_local_base_is_refused_before_any_work(tmp_path, capsys) -> No
         mp.chdir(tmp_path)  # no ./bases/tiny-hf here
         assert main(["validate", "--profile", "adapter"]) != 0
     assert "'./bases/tiny-hf' does not exist" in capsys.readouterr().err
+
+
+# ---- serve-model on the trained adapter -------------------------------------------------------------
+# `tinymars serve-model` on the adapter track's adapter, through the real openai client.
+#
+# The adapter is the one `tinymars run --profile adapter --only train` trains on the tiny local Llama base that
+# tests/test_adapter_track.py builds (its builder, imported). The engine traces the base's own (HF) tokenizer
+# through the artifact store, takes the base from `base=` (--base: where the base lives now), decodes through the
+# base's KV cache, reads numeric channel states, trains the adapter weights online while the frozen base stays
+# bit-identical, and refuses steering and readouts with 400s naming the field. References are computed outside
+# the server: models.generate without a KV cache (re-forwarding every token).
+from tests.test_serve_model import _artifact, reference_continuation, serving  # noqa: E402
+
+STATE = {"affect": {"valence": 0.8, "saliency": 0.6}, "time": {"hour": 23, "weekday": 5}}
+
+
+@pytest.fixture(scope="module")
+def adapter(track, workdir) -> dict:
+    """The adapter the track's run trained (one adapter-profile run per module: the serving tests share it)."""
+    return {"home": track["home"], "folder": _artifact(track["home"], "train", "adapter"), "base": workdir / BASE}
+
+
+@pytest.fixture(scope="module")
+def served(adapter):
+    from app.serve_model import Settings, create_app
+    from models.engine import Engine
+    from models.online import OnlineTrainer, OptimizerSettings
+
+    engine = Engine.load(adapter["folder"], base=adapter["base"])
+    trainer = OnlineTrainer(engine, OptimizerSettings(lr=1e-2))
+    with serving(create_app(engine, trainer, Settings(adapter["home"], "serve-adapter-test"))) as base:
+        yield {"base": base, "engine": engine, "trainer": trainer}
+
+
+def test_adapter_completion_with_a_channel_state_matches_the_reference(adapter, served, tmp_path):
+    from openai import OpenAI
+
+    from corpus.tokenizer import HFTokenizer
+    from models.checkpoint import load_model
+    from models.engine import EngineError, trace_model
+
+    engine = served["engine"]
+    assert isinstance(engine.tokenizer, HFTokenizer) and engine.source.tokenizer.name != "tokenizer.model"
+    assert engine.source.base == adapter["base"].resolve() and engine.model.alpha_l2() > 0  # trained gates
+    client = OpenAI(base_url=f"{served['base']}/v1", api_key="unused", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list().data] == ["adapter"]
+    prompt = "Tell me about your evening plans."
+    out = client.completions.create(model="adapter", prompt=prompt, max_tokens=8, temperature=0,
+                                    extra_body={"channels": STATE})
+    local = {"model": load_model(adapter["folder"], base=adapter["base"]), "tok": engine.tokenizer,
+             "source": engine.source}
+    want = reference_continuation(local, engine.prompt_ids(prompt), STATE, 8, use_cache=False)
+    assert out.choices[0].text == engine.tokenizer.decode(want) and out.usage.completion_tokens == len(want)
+    chat = [{"role": "user", "content": "How was the trip?"}]
+    plain = client.chat.completions.create(model="adapter", messages=chat, max_tokens=6, temperature=0,
+                                           extra_body={"channels": STATE})
+    chunks = list(client.chat.completions.create(model="adapter", messages=chat, max_tokens=6, temperature=0,
+                                                 extra_body={"channels": STATE}, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    # the state reaches the adapters: the same continuation scores differently with the state and ablated
+    example = {"context": prompt, "continuation": "I will read by the window."}
+    scored = httpx.post(f"{served['base']}/score", json={"examples": [{**example, "channels": STATE}, example]},
+                        timeout=60).json()["losses"]
+    assert abs(scored[0] - scored[1]) > 1e-6, scored
+    # a base that is not where it is said to be: a clear error naming the flag, before anything loads
+    with pytest.raises(EngineError, match="base: .*--base.* is not a folder; pass --base"):
+        trace_model(adapter["folder"], base=tmp_path / "moved")
+
+
+def test_adapter_refuses_steering_and_readouts(adapter, served):
+    from models.engine import Engine, EngineError
+
+    for extra, field in (({"readouts": True}, "readouts"), ({"steer": {"concept": "affect", "multiplier": 1}}, "steer"),
+                         ({"channels": {"mood": 1}}, "channels.mood")):
+        bad = httpx.post(f"{served['base']}/v1/completions", json={"prompt": "Hi", "max_tokens": 2, **extra})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == field, bad.text
+    assert "adapter" in httpx.post(f"{served['base']}/v1/completions", json={"prompt": "Hi", "readouts": True}
+                                   ).json()["error"]["message"]
+    with pytest.raises(EngineError, match="readouts: arch 'adapter'"):
+        Engine.load(adapter["folder"], base=adapter["base"], readouts=adapter["folder"])
+
+
+def test_online_learning_trains_the_adapter_only(adapter, served):
+    import torch
+
+    from models.engine import trace_model
+
+    engine = served["engine"]
+    base_before = {k: v.clone() for k, v in engine.model.base.state_dict().items()}
+    adapter_before = {k: v.clone() for k, v in engine.model.state_dict().items()}
+    example = {"context": "Where is the key?", "continuation": "under the mat", "channels": STATE}
+    before = httpx.post(f"{served['base']}/score", json={"examples": [example]}, timeout=60).json()["losses"][0]
+    done = httpx.post(f"{served['base']}/train", json={"examples": [example], "steps": 5, "wait": True},
+                      timeout=120).json()
+    assert done["done"] and done["error"] is None and done["queued"] == 1
+    after = httpx.post(f"{served['base']}/score", json={"examples": [example]}, timeout=60).json()["losses"][0]
+    assert after < before - 0.05, (before, after)
+    assert engine.version == 1
+    assert all(torch.equal(v, engine.model.base.state_dict()[k]) for k, v in base_before.items())  # frozen
+    trained = served["trainer"].model
+    assert all(torch.equal(v, trained.base.state_dict()[k]) for k, v in base_before.items())
+    assert not all(torch.equal(v, engine.model.state_dict()[k]) for k, v in adapter_before.items())
+    assert trained.base is not engine.model.base  # training never runs through generation's base hooks
+    ckpt = httpx.post(f"{served['base']}/checkpoint", timeout=120).json()
+    meta = json.loads((Path(ckpt["path"]) / "model.json").read_text())
+    assert meta["arch"] == "adapter" and meta["build"]["spec"]["base"] == str(adapter["base"].resolve())
+    assert trace_model(ckpt["path"]).tokenizer == engine.source.tokenizer  # traced through the pack, as before

