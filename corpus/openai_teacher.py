@@ -588,26 +588,33 @@ def _server_message(exc: Any) -> str:
     return str(getattr(exc, "message", "") or type(exc).__name__)[:ERROR_CHARS]
 
 
-def parse_target(content: str) -> str | None:
-    """The target in a teacher answer, tolerant of how servers without structured output reply:
-    `{"target": ...}`, the same inside a code fence or after a preamble, a bare JSON string, or plain
-    text. None when the answer holds JSON-looking text that cannot be read (the row is rejected)."""
+def json_values(content: str, brackets: str = "{}") -> tuple[str, list[Any]]:
+    """The answer's text (the inside of a ```json fence when there is one) and every JSON value found in it:
+    the whole text, then the span from the first opening to the last closing bracket of each pair in
+    `brackets` ("{}", "{}[]"). Servers without structured output wrap JSON in fences and preambles."""
     text = (content or "").strip()
     fence = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)
     if fence:
         text = fence.group(1).strip()
-    for candidate in (text, text[text.find("{"): text.rfind("}") + 1] if "{" in text else ""):
-        if not candidate:
-            continue
+    candidates = [text] + [text[text.find(o): text.rfind(c) + 1] for o, c in zip(brackets[::2], brackets[1::2],
+                                                                                   strict=True) if o in text]
+    values = []
+    for candidate in candidates:
         try:
-            value = json.loads(candidate)
+            values.append(json.loads(candidate))
         except ValueError:
             continue
-        if isinstance(value, dict):
-            value = value.get("target")
-        if isinstance(value, str) and value.strip():
-            return value.strip()
-        return None
+    return text, values
+
+
+def parse_target(content: str) -> str | None:
+    """The target in a teacher answer, tolerant of how servers without structured output reply:
+    `{"target": ...}`, the same inside a code fence or after a preamble, a bare JSON string, or plain
+    text. None when the answer holds JSON-looking text that cannot be read (the row is rejected)."""
+    text, values = json_values(content)
+    if values:
+        value = values[0].get("target") if isinstance(values[0], dict) else values[0]
+        return value.strip() if isinstance(value, str) and value.strip() else None
     if "{" in text or "}" in text:
         return None
     text = re.sub(r"^(target|reply|answer)\s*:\s*", "", text, flags=re.I).strip().strip('"').strip()

@@ -31,14 +31,20 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from corpus.call_cache import call_key
-from corpus.openai_teacher import TeacherAnswer, TeacherClient, TeacherError, TeacherRequest, estimate_prompt_tokens
+from corpus.openai_teacher import (
+    TeacherAnswer,
+    TeacherClient,
+    TeacherError,
+    TeacherRequest,
+    estimate_prompt_tokens,
+    json_values,
+)
 from corpus.overlap import jaccard, shingles
 from corpus.rows import SPLITS, pool_partition, prompt_splits
 from corpus.teacher_prompts import SCENARIO_POOL_FIELDS, Templates
@@ -234,19 +240,7 @@ class ScenarioClient(TeacherClient):
 def parse_entities(content: str) -> list[Any] | None:
     """The entity list in an answer: `{"entities": [...]}` or a bare list, also inside a code fence or after a
     preamble. None when there is none to read."""
-    text = (content or "").strip()
-    fence = re.search(r"```(?:json)?\s*(.*?)```", text, re.S)
-    if fence:
-        text = fence.group(1).strip()
-    candidates = [text]
-    for open_, close in ("{}", "[]"):
-        if open_ in text:
-            candidates.append(text[text.find(open_): text.rfind(close) + 1])
-    for candidate in candidates:
-        try:
-            value = json.loads(candidate)
-        except ValueError:
-            continue
+    for value in json_values(content, "{}[]")[1]:
         if isinstance(value, dict):
             value = value.get("entities")
         if isinstance(value, list):

@@ -120,17 +120,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         a, b = _run(lin, args.run_a), _run(lin, args.run_b)
     except (FileNotFoundError, KeyError) as exc:
         return fail(str(exc).strip("'\""))
-    tables = compare(a, b, args.all)
-    if args.json:
-        print(json.dumps(tables, indent=1, default=str))
-        return 0
-    print(f"A = {a['run']['run_id']}\nB = {b['run']['run_id']}")
-    for title, rows in tables.items():
-        print(f"\n{title}:")
-        print_table(rows)
-    if not args.all:
-        print("\n(metrics equal in both runs are hidden; --all lists them)")
-    return 0
+    return show(compare(a, b, args.all), args, f"A = {a['run']['run_id']}\nB = {b['run']['run_id']}",
+                "metrics equal in both runs are hidden")
 
 
 def cmd_compare_sweep(args: argparse.Namespace) -> int:
@@ -139,14 +130,20 @@ def cmd_compare_sweep(args: argparse.Namespace) -> int:
         sweep = json.loads(sweep_file(lin, args.run_a).read_text())
     except (FileNotFoundError, KeyError) as exc:
         return fail(str(exc).strip("'\""))
-    tables = compare_sweep(lin, sweep, args.all)
+    return show(compare_sweep(lin, sweep, args.all), args,
+                f"sweep {sweep['sweep_run']} of '{sweep['profile']}': {len(sweep['points'])} points",
+                "metrics equal in every point are hidden")
+
+
+def show(tables: dict[str, list[dict]], args: argparse.Namespace, header: str, hidden: str) -> int:
+    """Print the comparison tables (or their JSON with --json); say what --all would add."""
     if args.json:
         print(json.dumps(tables, indent=1, default=str))
         return 0
-    print(f"sweep {sweep['sweep_run']} of '{sweep['profile']}': {len(sweep['points'])} points")
+    print(header)
     for title, rows in tables.items():
         print(f"\n{title}:")
         print_table(rows)
     if not args.all:
-        print("\n(metrics equal in every point are hidden; --all lists them)")
+        print(f"\n({hidden}; --all lists them)")
     return 0
