@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tinymars",
         description="Run proprioceptive-channel LM experiment iterations: corpus -> channels -> tokenizer "
-        "-> pack -> train -> steer -> generate -> score -> report, each stage cached by content and recorded in "
-        "DuckDB lineage.",
+        "-> [replay] -> pack -> train -> steer -> generate -> score -> report, each stage cached by content and "
+        "recorded in DuckDB lineage.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--json", action="store_true", help="machine-readable output")
     home_arg(runs)
 
-    lin = sub.add_parser("lineage", help="show a run's stages, or an artifact's parents and children")
+    lin = sub.add_parser("lineage", help="show a run's stages, or an artifact's parents and children; "
+                         "--openlineage FILE|URL exports the history as OpenLineage events")
     lin.add_argument("ident", metavar="RUN_OR_ARTIFACT", nargs="?",
                      help="a run id or artifact hash (a unique prefix works); not needed with --openlineage")
     lin.add_argument("--json", action="store_true", help="machine-readable output")

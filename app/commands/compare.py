@@ -17,7 +17,8 @@ from app.common import fail, home_arg, open_lineage, print_table
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("compare", help="show two runs side by side: stages, hypotheses verdicts, metrics")
+    p = sub.add_parser("compare", help="show two runs side by side (stages, hypotheses verdicts, metrics), "
+                       "or the points of a sweep")
     p.add_argument("run_a", metavar="RUN_A", help="a run id (a unique prefix works)")
     p.add_argument("run_b", metavar="RUN_B", nargs="?",
                    help="a run id (a unique prefix works); omit it to compare the points of the sweep RUN_A names")
