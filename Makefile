@@ -31,11 +31,9 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { test "$$(id -u)" = 0 && apt-get update -qq \
 		&& apt-get install -y -qq chromium >/dev/null; } || echo "chromium not installed: the report screenshot test will skip"
 
-# Three pytest-xdist workers, a test file each at a time (module fixtures stay whole); each worker has its own
-# temporary PREFECT_HOME and Prefect harness (tests/conftest.py). Three on 2 cores: the suite waits on servers
-# and subprocess start-ups a third of the time (about 1.3 cores busy with two workers). TEST_WORKERS=1 runs
-# the files in one process.
-TEST_WORKERS ?= 3
+# Two pytest-xdist workers, a test file each at a time (module fixtures stay whole); each worker has its own
+# temporary PREFECT_HOME and Prefect harness (tests/conftest.py). TEST_WORKERS=1 runs the files in one process.
+TEST_WORKERS ?= 2
 test: venv chromium
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
