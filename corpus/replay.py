@@ -222,7 +222,7 @@ def write_shards(texts: Iterable[str], tokenizer_model: Path, vocab_size: int, t
     dtype = np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
     shards: list[dict[str, Any]] = []
     pending: list[np.ndarray] = []
-    held = total = docs = chars = 0
+    held = total = docs = 0
 
     def flush() -> None:
         nonlocal pending, held
@@ -253,9 +253,8 @@ def write_shards(texts: Iterable[str], tokenizer_model: Path, vocab_size: int, t
         if total >= tokens:
             break
     flush()
-    chars = counted.chars
     manifest = {"dtype": np.dtype(dtype).name, "tokens": total, "wanted_tokens": tokens, "documents": docs,
-                "chars_read": chars, "exhausted": total < tokens, "shards": shards}
+                "chars_read": counted.chars, "exhausted": total < tokens, "shards": shards}
     write_atomic(out / "replay.json", json.dumps(manifest, indent=1))
     return manifest
 
